@@ -1,0 +1,175 @@
+"""Structured configs: the types and defaults of the engine's own groups, checked by Hydra at start-up.
+
+The groups whose options are code (dataset, model, loss) are typed by their ``_target_``'s
+signature instead, checked in ``runner.build`` before anything runs.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+
+class Strategy(Enum):
+    auto = "auto"
+    cpu = "cpu"
+    gpu = "gpu"
+    ddp = "ddp"
+
+
+class Mode(Enum):
+    train = "train"
+    eval = "eval"
+
+
+class OptimizerName(Enum):
+    adam = "adam"
+    adamw = "adamw"
+    sgd = "sgd"
+
+
+class ScheduleName(Enum):
+    constant = "constant"
+    step = "step"
+    cosine = "cosine"
+    iwae_paper = "iwae_paper"
+
+
+class MonitorMode(Enum):
+    min = "min"
+    max = "max"
+
+
+PRECISIONS = ("32", "bf16", "16")
+
+
+@dataclass
+class TrainerConfig:
+    max_epochs: Optional[int] = 1  # None: as long as the schedule says (schedule=iwae_paper)
+    max_steps: int = -1  # optimizer steps; -1 = no limit
+    batch_size: int = 32
+    eval_batch_size: Optional[int] = None  # None: batch_size
+    accumulate_grad_batches: int = 1
+    precision: str = "32"  # 32 | bf16 | 16
+    gradient_clip_val: float = 0.0  # 0 = no clipping
+    seed: int = 0
+    deterministic: bool = False
+    val_every_n_steps: int = 0  # 0 = at the end of each epoch
+    monitor: str = "val/loss"
+    monitor_mode: MonitorMode = MonitorMode.min
+    log_every_n_steps: int = 50
+    ckpt_every_n_steps: int = 0  # 0 = at each epoch end only
+    num_workers: int = 0
+    skip_nonfinite: bool = False
+    compile: bool = False  # torch.compile the model
+    channels_last: bool = False
+    limit_train_batches: int = -1  # -1 = all; for smoke runs
+    progress: str = "auto"  # auto | rich | plain | none
+
+
+@dataclass
+class DeviceConfig:
+    strategy: Strategy = Strategy.auto
+    devices: int = 1  # processes for ddp (0 = one per visible GPU)
+    index: int = 0  # CUDA device index for strategy=gpu
+    backend: str = "nccl"  # nccl | gloo (ddp)
+    sync_batchnorm: bool = False
+
+
+@dataclass
+class OptimConfig:
+    name: OptimizerName = OptimizerName.adam
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    momentum: float = 0.9  # sgd
+    nesterov: bool = False  # sgd
+
+
+@dataclass
+class ScheduleConfig:
+    name: ScheduleName = ScheduleName.constant
+    step_gamma: float = 0.1  # step: lr x step_gamma every step_epochs epochs
+    step_epochs: int = 1
+    warmup_steps: int = 0  # linear warm-up, all schedules
+    min_lr_ratio: float = 0.0  # cosine: final lr / initial lr
+    last_stage: int = 7  # iwae_paper: stages 0..last_stage, 3^i passes each
+
+
+@dataclass
+class Config:
+    dataset: Any = MISSING
+    model: Any = MISSING
+    loss: Any = MISSING
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    name: str = "run"  # experiment name, part of the run folder's name
+    mode: Mode = Mode.train
+    ckpt_path: Optional[str] = None  # mode=eval: the checkpoint to evaluate
+    resume: Optional[str] = None  # a run folder to continue in place
+    output_root: str = "outputs"
+    logger: str = "csv"  # csv | tensorboard
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="runner_schema", node=Config)
+
+
+# --- run folders ---------------------------------------------------------------------------
+_claimed: dict[str, str] = {}
+
+
+def claim_unique_dir(base: str) -> str:
+    """Create ``base`` or, if taken (two runs started in the same second), ``base_1``, ``base_2``...
+
+    ``os.mkdir`` is atomic, so concurrent processes never share a folder. Memoised per process
+    because Hydra may resolve the same interpolation more than once.
+    """
+    if base in _claimed:
+        return _claimed[base]
+    Path(base).parent.mkdir(parents=True, exist_ok=True)
+    candidate, n = base, 0
+    while True:
+        try:
+            os.mkdir(candidate)
+            break
+        except FileExistsError:
+            n += 1
+            candidate = f"{base}_{n}"
+    _claimed[base] = candidate
+    return candidate
+
+
+def is_nonzero_rank() -> bool:
+    """True in a worker of an external torchrun other than rank 0: it writes no run folder."""
+    return int(os.environ.get("RANK", "0")) != 0
+
+
+def run_folder(resume: Optional[str], base: str) -> str:
+    if resume:
+        return str(resume)
+    if is_nonzero_rank():
+        return tempfile.mkdtemp(prefix="runner-rank-")
+    return claim_unique_dir(base)
+
+
+def hydra_subdir(resume: Optional[str]) -> Optional[str]:
+    # A resumed run keeps the .hydra/ of its first start: that is the config it continues.
+    return None if resume or is_nonzero_rank() else ".hydra"
+
+
+def register_resolvers() -> None:
+    # use_cache: Hydra copies resolver caches into each job's config (as it does for ${now:}),
+    # so a sweep's jobs, even in other processes (joblib), see the folder the sweep claimed.
+    OmegaConf.register_new_resolver("run_folder", run_folder, replace=True, use_cache=True)
+    OmegaConf.register_new_resolver("unique_dir", claim_unique_dir, replace=True, use_cache=True)
+    OmegaConf.register_new_resolver("hydra_subdir", hydra_subdir, replace=True)

@@ -1,0 +1,51 @@
+"""One clear message for a config that Hydra could not compose: the key, and what is allowed."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+_NOISE = ("Set the environment variable HYDRA_FULL_ERROR", "object_type=", "reference_type=")
+
+
+def describe(error: BaseException, overrides: list[str]) -> str:
+    parts = [str(error)]
+    if error.__cause__ is not None and str(error.__cause__) not in parts[0]:
+        parts.append(str(error.__cause__))
+    lines = [ln.rstrip() for part in parts for ln in part.splitlines()]
+    lines = [ln for ln in lines if ln.strip() and not any(n in ln for n in _NOISE)]
+    message = "\n".join(dict.fromkeys(lines))  # drop repeated lines, keep order
+    key = _offending_key(message)
+    if key and "." in key:
+        allowed = _allowed_keys(key.rsplit(".", 1)[0], overrides)
+        if allowed:
+            message += f"\nallowed keys of {key.rsplit('.', 1)[0]}: {', '.join(allowed)}"
+    return message
+
+
+def _offending_key(message: str) -> str | None:
+    for pattern in (r"full_key: ([\w.]+)", r"Could not override '([\w.]+)'", r"Key '([\w.]+)' is not in struct"):
+        match = re.search(pattern, message)
+        if match:
+            return match.group(1)
+    return None
+
+
+def _allowed_keys(parent: str, overrides: list[str]) -> list[str]:
+    """Compose the config without the overrides under ``parent`` and list that node's keys."""
+    from hydra import compose, initialize_config_dir
+
+    from runner.config import register_configs, register_resolvers
+
+    register_configs()
+    register_resolvers()
+    kept = [o for o in overrides if not o.lstrip("+~").startswith(parent + ".") and not o.startswith("-")]
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+            cfg = compose("config", overrides=kept)
+        node = OmegaConf.select(cfg, parent)
+        return sorted(k for k in node.keys() if k != "_target_") if node is not None else []
+    except Exception:
+        return []

@@ -1,0 +1,92 @@
+"""Checkpoints: weights, optimizer, schedule, grad scaler, loop position and every RNG state.
+
+Everything stored is a tensor, a number, a string or a container of those, so checkpoints load
+with ``torch.load(weights_only=True)`` and never unpickle arbitrary objects.
+"""
+from __future__ import annotations
+
+import io
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from runner.engine.files import atomic_write
+from runner.errors import UserError
+
+FORMAT_VERSION = 1
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+        "python": _python_state_to_tensor(random.getstate()),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _python_state_to_tensor(state: tuple) -> dict[str, Any]:
+    version, internal, gauss = state
+    return {"version": int(version), "internal": torch.tensor(internal, dtype=torch.int64),
+            "gauss": float(gauss) if gauss is not None else None}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(int(v) for v in p["internal"].tolist()), p["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    payload = {"format_version": FORMAT_VERSION, **payload}
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    atomic_write(path, lambda f: f.write(buffer.getbuffer()))
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated, not a checkpoint, or holds objects we refuse to unpickle
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"checkpoint {path} cannot be read (truncated or not a runner checkpoint): {first_line}") from None
+    if not isinstance(payload, dict) or "model" not in payload or payload.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"checkpoint {path} is not a runner checkpoint (format {FORMAT_VERSION})")
+    return payload
+
+
+def load_model_weights(model: torch.nn.Module, payload: dict[str, Any], path: str | Path) -> None:
+    """Load weights, with one clear message when the checkpoint belongs to another model."""
+    own = model.state_dict()
+    theirs = payload["model"]
+    missing = sorted(own.keys() - theirs.keys())
+    unexpected = sorted(theirs.keys() - own.keys())
+    mismatched = sorted(k for k in own.keys() & theirs.keys() if own[k].shape != theirs[k].shape)
+    if missing or unexpected or mismatched:
+        detail = []
+        if missing:
+            detail.append(f"missing {len(missing)} tensors (e.g. {missing[0]})")
+        if unexpected:
+            detail.append(f"{len(unexpected)} unknown tensors (e.g. {unexpected[0]})")
+        if mismatched:
+            k = mismatched[0]
+            detail.append(f"{len(mismatched)} of other shapes (e.g. {k}: {tuple(theirs[k].shape)} vs {tuple(own[k].shape)})")
+        made_by = payload.get("model_target", "another model")
+        raise UserError(
+            f"checkpoint {path} belongs to another model or config ({made_by}): " + "; ".join(detail)
+        )
+    model.load_state_dict(theirs)

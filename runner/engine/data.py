@@ -1,0 +1,101 @@
+"""Which samples each process sees, in which order: seeded, resumable, and exact under DDP.
+
+* Training: each epoch draws one global order from a generator seeded by (seed, epoch) — a
+  permutation, or a weighted draw for balanced sampling — and process r takes every W-th entry
+  from r. Process r's j-th batch of b samples plus the others' j-th batches is exactly the
+  single-process j-th batch of W*b samples, so W processes reproduce one process at W times
+  the batch. No padding duplicates are added.
+* Evaluation (``exact_eval_indices``): contiguous, disjoint shards that cover the split once.
+* Pre-batched datasets (char-LM streams): items are whole batches in order; each process takes
+  its contiguous slice of the streams (rows).
+"""
+from __future__ import annotations
+
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 100_003 + epoch)
+
+
+def train_order(n: int, seed: int, epoch: int, weights: Tensor | None = None) -> Tensor:
+    g = epoch_generator(seed, epoch)
+    if weights is not None:
+        return torch.multinomial(weights.double(), n, replacement=True, generator=g)
+    return torch.randperm(n, generator=g)
+
+
+def exact_eval_indices(n: int, rank: int, world: int) -> range:
+    """Process ``rank``'s contiguous share of ``n`` samples: every sample exactly once overall."""
+    return range(rank * n // world, (rank + 1) * n // world)
+
+
+class ListSampler(Sampler[int]):
+    def __init__(self, indices: Sequence[int]):
+        self.indices = indices
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def rows_of_rank(batch: Any, rank: int, world: int) -> Any:
+    if world == 1:
+        return batch
+    if isinstance(batch, Tensor):
+        n = batch.shape[0]
+        return batch[rank * n // world: (rank + 1) * n // world]
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(rows_of_rank(b, rank, world) for b in batch)
+    if isinstance(batch, dict):
+        return {k: rows_of_rank(v, rank, world) for k, v in batch.items()}
+    return batch
+
+
+class RowShard(Dataset):
+    """A pre-batched dataset seen through one process's slice of rows."""
+
+    def __init__(self, dataset: Dataset, rank: int, world: int):
+        self.dataset, self.rank, self.world = dataset, rank, world
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> Any:
+        return rows_of_rank(self.dataset[i], self.rank, self.world)
+
+
+def _loader(dataset: Dataset, indices: Sequence[int], batch_size: int | None, num_workers: int, pin: bool) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, sampler=ListSampler(indices), num_workers=num_workers,
+                      pin_memory=pin, persistent_workers=False, drop_last=False)
+
+
+def train_loader(dataset: Dataset, *, batch_size: int, epoch: int, seed: int, rank: int, world: int,
+                 weights: Tensor | None, prebatched: bool, skip_batches: int = 0, num_workers: int = 0,
+                 pin: bool = False) -> DataLoader:
+    """This process's training batches of one epoch, starting after ``skip_batches`` (resume)."""
+    if prebatched:
+        return _loader(RowShard(dataset, rank, world), range(skip_batches, len(dataset)), None, num_workers, pin)
+    order = train_order(len(dataset), seed, epoch, weights)[rank::world]
+    return _loader(dataset, order[skip_batches * batch_size:].tolist(), batch_size, num_workers, pin)
+
+
+def train_batches_per_epoch(dataset: Dataset, batch_size: int, world: int, prebatched: bool) -> int:
+    """Batches of rank 0 (the most: shards differ by at most one sample)."""
+    if prebatched:
+        return len(dataset)
+    per_rank = -(-len(dataset) // world)
+    return -(-per_rank // batch_size)
+
+
+def eval_loader(dataset: Dataset, *, batch_size: int, rank: int, world: int, prebatched: bool,
+                num_workers: int = 0, pin: bool = False) -> DataLoader:
+    if prebatched:
+        return _loader(RowShard(dataset, rank, world), range(len(dataset)), None, num_workers, pin)
+    return _loader(dataset, exact_eval_indices(len(dataset), rank, world), batch_size, num_workers, pin)

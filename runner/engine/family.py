@@ -1,0 +1,109 @@
+"""The one small interface through which a model family plugs into the engine.
+
+The engine knows nothing about images, latent variables or text. A family gives it:
+
+* a model (``Family.model``),
+* ``train_loss(batch)``: the *sum* of per-unit losses over the batch and the number of units
+  (samples, or tokens for a language model). The engine adds these up over the micro-batches
+  of an optimizer step and divides the gradients by the total count, which is what makes
+  accumulation exact (DESIGN.md, "Accumulation is exact").
+* ``evaluator(split)``: an object that sees every evaluation batch of a split and keeps only
+  additive state: ``sums`` (reduced by summing across processes) and ``rows`` (per-sample
+  tensors, concatenated across processes). ``compute()`` turns the reduced state into metrics.
+  Because the state is additive and every sample is seen exactly once, metrics under N
+  processes equal the single-process metrics.
+* optional hooks: ``on_train_epoch_start`` (reset carried state), ``after_evaluation`` (write
+  family extras such as ``per_class.csv`` or ``samples.txt``).
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+
+@dataclass
+class DataBundle:
+    """What a dataset builder returns: the splits and what the family needs to know about them."""
+
+    family: str  # "multilabel" | "density" | "charlm"
+    train: Dataset
+    val: Dataset | None
+    test: Dataset | None
+    info: dict[str, Any] = field(default_factory=dict)
+    # Optional per-sample weights for a WeightedRandomSampler over `train` (balanced sampling).
+    train_weights: Tensor | None = None
+    # When set, the dataset's items are whole batches already in their required order
+    # (char-LM streams): the engine must not shuffle or re-batch them.
+    prebatched: bool = False
+
+
+class Evaluator(ABC):
+    """Additive evaluation state. Subclasses implement ``update`` and ``compute``."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, Tensor] = {}
+        self.rows: dict[str, list[Tensor]] = {}
+        self.count = 0  # samples seen by this process
+
+    def add_sum(self, name: str, value: Tensor) -> None:
+        value = value.detach().to(torch.float64)
+        self.sums[name] = self.sums[name] + value if name in self.sums else value
+
+    def add_rows(self, name: str, value: Tensor) -> None:
+        self.rows.setdefault(name, []).append(value.detach())
+
+    @abstractmethod
+    def update(self, batch: Any) -> None:
+        """Add one evaluation batch (already on the device) to the state."""
+
+    @abstractmethod
+    def compute(self, sums: dict[str, Tensor], rows: dict[str, Tensor]) -> dict[str, float]:
+        """Metrics from the state reduced over all processes (rows concatenated, on the CPU)."""
+
+
+class Family(ABC):
+    """Base class of the three families; see the module docstring."""
+
+    model: nn.Module
+    # Name of the unit that train_loss counts ("samples" or "tokens"), for logs and summary.
+    unit: str = "samples"
+
+    @property
+    def raw_model(self) -> nn.Module:
+        """The model without the engine's wrappers (DistributedDataParallel, torch.compile)."""
+        model = self.model
+        while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+            model = getattr(model, "module", None) or getattr(model, "_orig_mod")
+        return model
+
+    def to(self, device: torch.device) -> "Family":
+        """Move the model and every other module the family holds (loss buffers) to ``device``."""
+        for value in vars(self).values():
+            if isinstance(value, nn.Module):
+                value.to(device)
+        self.device = device
+        return self
+
+    @abstractmethod
+    def train_loss(self, batch: Any) -> tuple[Tensor, int | Tensor]:
+        """(sum of per-unit losses over the batch, number of units in the batch)."""
+
+    @abstractmethod
+    def evaluator(self, split: str) -> Evaluator:
+        """A fresh evaluator for one pass over ``split``."""
+
+    def on_train_epoch_start(self, epoch: int) -> None:
+        """Reset state carried across batches (e.g. an LSTM's hidden state)."""
+
+    def after_evaluation(self, split: str, metrics: dict[str, float], run_dir: Path | None) -> None:
+        """Write family extras (per_class.csv, samples.txt, plots). Called on rank 0 only."""
+
+
+FamilyBuilder = Callable[..., Family]
+BatchIterable = Iterable[Any]

@@ -1,0 +1,315 @@
+"""The one training and evaluation loop, for every family and every device strategy.
+
+Read top to bottom: ``fit`` runs epochs of micro-batches; every ``accumulate_grad_batches``
+micro-batches (or at the end of the epoch) it takes one optimizer step whose gradient is the
+sum of per-unit losses over the window divided by the number of units in the window — exact
+accumulation, including a shorter last window and a smaller last batch. Losses stay on the
+device and are read only at logging points (no per-step host sync on the GPU path).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from runner.engine import checkpoint as ckpt
+from runner.engine import data as loaders
+from runner.engine.devices import DeviceContext
+from runner.engine.family import DataBundle, Family
+from runner.engine.progress import ProgressDisplay
+from runner.engine.results import RunResults
+from runner.errors import UserError
+from runner.optim import build_optimizer, build_schedule, has_batchnorm
+
+log = logging.getLogger("runner")
+
+AUTOCAST_DTYPES = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM arrived: the loop finished its step and wrote a checkpoint."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+@dataclass
+class LoopState:
+    epoch: int = 0
+    batch_in_epoch: int = 0  # micro-batches of this epoch already consumed (resume point)
+    step: int = 0  # optimizer steps taken
+    samples_seen: int = 0  # units (samples or tokens) trained on, all processes
+    skipped_steps: int = 0  # non-finite steps skipped (trainer.skip_nonfinite)
+    best: float | None = None  # best value of trainer.monitor so far
+
+
+class SignalFlag:
+    """First SIGINT/SIGTERM asks the loop to stop after the current step; a second SIGINT
+    exits at once (KeyboardInterrupt)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "SignalFlag":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. some launchers): no handler
+                pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def autocast(ctx: DeviceContext, precision: str):
+    dtype = AUTOCAST_DTYPES[precision]
+    return torch.autocast(device_type=ctx.device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def evaluate(family: Family, bundle: DataBundle, split: str, cfg: DictConfig, ctx: DeviceContext) -> tuple[dict[str, float], int]:
+    """Metrics of one split, every sample seen once across processes; (metrics, samples)."""
+    dataset = getattr(bundle, split)
+    batch_size = cfg.trainer.eval_batch_size or cfg.trainer.batch_size
+    loader = loaders.eval_loader(dataset, batch_size=batch_size, rank=ctx.rank, world=ctx.world_size,
+                                 prebatched=bundle.prebatched, num_workers=cfg.trainer.num_workers,
+                                 pin=ctx.device.type == "cuda")
+    evaluator = family.evaluator(split)
+    was_training = family.model.training
+    family.model.eval()
+    with torch.no_grad(), autocast(ctx, str(cfg.trainer.precision)):
+        for batch in loader:
+            evaluator.update(ctx.to_device(batch))
+    family.model.train(was_training)
+    sums = {k: ctx.all_reduce_sum(v.to(ctx.device)).cpu() for k, v in sorted(evaluator.sums.items())}
+    rows = {k: ctx.gather_rows(torch.cat(v).to(ctx.device)).cpu() for k, v in sorted(evaluator.rows.items())}
+    count = int(ctx.all_reduce_sum(torch.tensor(evaluator.count, device=ctx.device)).item())
+    raw = evaluator.compute(sums, rows)
+    unprefixed = getattr(evaluator, "unprefixed", set())
+    metrics = {(k if k in unprefixed else f"{split}/{k}"): float(v) for k, v in raw.items()}
+    return metrics, count
+
+
+class Trainer:
+    """Holds what the loop needs between steps; ``fit`` is the loop."""
+
+    def __init__(self, family: Family, bundle: DataBundle, cfg: DictConfig, ctx: DeviceContext,
+                 results: RunResults, run_dir: Path | None):
+        self.family, self.bundle, self.cfg, self.ctx = family, bundle, cfg, ctx
+        self.results, self.run_dir = results, run_dir
+        t = cfg.trainer
+        self.precision = str(t.precision)
+        self.model = family.model  # possibly wrapped (DDP); family.raw_model is the bare one
+        self.params = [p for p in family.raw_model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(self.params, cfg.optim)
+        self.batches_per_epoch = loaders.train_batches_per_epoch(bundle.train, t.batch_size, ctx.world_size, bundle.prebatched)
+        if t.limit_train_batches > 0:
+            self.batches_per_epoch = min(self.batches_per_epoch, t.limit_train_batches)
+        self.steps_per_epoch = math.ceil(self.batches_per_epoch / t.accumulate_grad_batches)
+        self.max_epochs = int(t.max_epochs)
+        self.total_steps = self.steps_per_epoch * self.max_epochs
+        if t.max_steps > 0:
+            self.total_steps = min(self.total_steps, t.max_steps)
+        self.schedule = build_schedule(self.optimizer, cfg.schedule, self.steps_per_epoch, self.total_steps)
+        self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=self.precision == "16")
+        self.state = LoopState()
+        self.monitor_sign = 1.0 if str(getattr(t.monitor_mode, "value", t.monitor_mode)) == "min" else -1.0
+        self.final_metrics: dict[str, float] = {}
+        self.eval_samples: dict[str, int] = {}
+        self.train_seconds = 0.0
+        self.pending_units = torch.zeros((), device=ctx.device, dtype=torch.float64)
+
+    # --- checkpoints -------------------------------------------------------------------------
+    def checkpoint_payload(self) -> dict[str, Any]:
+        return {
+            "model": self.family.raw_model.state_dict(),
+            "model_target": str(self.cfg.model.get("_target_", "")),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "loop": asdict(self.state),
+            "rng": ckpt.rng_state(),
+            "family": self.family.state_dict() if hasattr(self.family, "state_dict") else {},
+            "config": OmegaConf.to_yaml(self.cfg, resolve=True),
+        }
+
+    def save(self, name: str) -> None:
+        self.sync_counts()
+        if self.ctx.is_main and self.run_dir is not None:
+            ckpt.save_checkpoint(self.run_dir / "checkpoints" / f"{name}.pt", self.checkpoint_payload())
+        self.ctx.barrier()
+
+    def restore(self, payload: dict[str, Any], path: Path) -> None:
+        ckpt.load_model_weights(self.family.raw_model, payload, path)
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.schedule.load_state_dict(payload["schedule"])
+        self.scaler.load_state_dict(payload["scaler"])
+        self.state = LoopState(**payload["loop"])
+        ckpt.set_rng_state(payload["rng"])
+        if payload.get("family") and hasattr(self.family, "load_state_dict"):
+            self.family.load_state_dict(payload["family"])
+
+    # --- evaluation during training ------------------------------------------------------------
+    def validate(self, progress: ProgressDisplay) -> None:
+        if self.bundle.val is None:
+            return
+        metrics, count = evaluate(self.family, self.bundle, "val", self.cfg, self.ctx)
+        self.eval_samples["val"] = count
+        self.final_metrics.update(metrics)
+        self.results.log({"epoch": self.state.epoch, "step": self.state.step, "split": "val", **metrics})
+        if self.ctx.is_main:
+            self.family.after_evaluation("val", metrics, self.run_dir)
+        progress.message(f"val @ step {self.state.step}: " + ", ".join(
+            f"{k}={v:.4f}" for k, v in sorted(metrics.items()) if k.count("/") == 1)[:300])
+        monitored = metrics.get(self.cfg.trainer.monitor)
+        if monitored is not None and math.isfinite(monitored):
+            if self.state.best is None or self.monitor_sign * monitored < self.monitor_sign * self.state.best:
+                self.state.best = monitored
+                self.save("best")
+
+    # --- the loop ----------------------------------------------------------------------------
+    def fit(self, stop: SignalFlag) -> None:
+        t, ctx, family = self.cfg.trainer, self.ctx, self.family
+        accumulate = t.accumulate_grad_batches
+        if accumulate > 1 and has_batchnorm(family.raw_model):
+            log.warning("the model has BatchNorm: with accumulate_grad_batches=%d its statistics are "
+                        "computed per micro-batch of %d, not per optimizer step", accumulate, t.batch_size)
+        progress = ProgressDisplay(self.total_steps, family.unit, t.progress, enabled=ctx.is_main)
+        running_loss = torch.zeros((), device=ctx.device, dtype=torch.float64)
+        running_units = 0
+        first_bad_step = torch.full((), -1, device=ctx.device, dtype=torch.long)
+        last_log_time, last_log_units = time.time(), self.state.samples_seen
+        started = time.time()
+        try:
+            while self.state.epoch < self.max_epochs and not self.done():
+                epoch = self.state.epoch
+                family.on_train_epoch_start(epoch)
+                loader = loaders.train_loader(
+                    self.bundle.train, batch_size=t.batch_size, epoch=epoch, seed=t.seed, rank=ctx.rank,
+                    world=ctx.world_size, weights=self.bundle.train_weights, prebatched=self.bundle.prebatched,
+                    skip_batches=self.state.batch_in_epoch, num_workers=t.num_workers, pin=ctx.device.type == "cuda")
+                window_loss = torch.zeros((), device=ctx.device, dtype=torch.float64)
+                window_units = 0
+                for batch in loader:
+                    i = self.state.batch_in_epoch
+                    if i >= self.batches_per_epoch:
+                        break
+                    steps_now = (i + 1) % accumulate == 0 or i + 1 == self.batches_per_epoch
+                    batch = ctx.to_device(batch)
+                    with ctx.no_sync(self.model, skip=not steps_now), autocast(ctx, self.precision):
+                        loss_sum, units = family.train_loss(batch)
+                        self.scaler.scale(loss_sum.float()).backward()
+                    window_loss += loss_sum.detach().double()
+                    window_units += units
+                    self.state.batch_in_epoch += 1
+                    if not steps_now:
+                        continue
+                    if not self.optimizer_step(window_loss, window_units, first_bad_step):
+                        self.state.skipped_steps += 1
+                    running_loss += window_loss
+                    running_units += window_units
+                    window_loss = torch.zeros_like(window_loss)
+                    window_units = 0
+                    if self.state.step % t.log_every_n_steps == 0 or self.done():
+                        self.check_finite(first_bad_step)
+                        self.sync_counts()
+                        loss = float(ctx.all_reduce_sum(running_loss).item()) / max(
+                            1, int(ctx.all_reduce_sum(torch.tensor(running_units, device=ctx.device)).item()))
+                        now = time.time()
+                        rate = (self.state.samples_seen - last_log_units) / max(now - last_log_time, 1e-9)
+                        last_log_time, last_log_units = now, self.state.samples_seen
+                        progress.update(self.state.step, epoch, loss, rate)
+                        self.results.log({"epoch": epoch, "step": self.state.step, "split": "train", "loss": loss,
+                                          "lr": self.optimizer.param_groups[0]["lr"], f"{family.unit}_per_s": rate})
+                        running_loss.zero_()
+                        running_units = 0
+                    if t.val_every_n_steps > 0 and self.state.step % t.val_every_n_steps == 0:
+                        self.validate(progress)
+                    if t.ckpt_every_n_steps > 0 and self.state.step % t.ckpt_every_n_steps == 0:
+                        self.save("last")
+                    if stop.signum is not None:
+                        self.save("last")
+                        raise Interrupted(stop.signum)
+                    if self.done():
+                        break
+                self.check_finite(first_bad_step)
+                if self.state.batch_in_epoch >= self.batches_per_epoch:
+                    self.state.epoch += 1
+                    self.state.batch_in_epoch = 0
+                if t.val_every_n_steps == 0:
+                    self.validate(progress)
+                self.save("last")
+                if stop.signum is not None:
+                    raise Interrupted(stop.signum)
+        finally:
+            self.train_seconds += time.time() - started
+            progress.close()
+
+    def done(self) -> bool:
+        return self.state.step >= self.total_steps
+
+    def optimizer_step(self, window_loss: torch.Tensor, window_units: int, first_bad_step: torch.Tensor) -> bool:
+        """Divide the summed gradients by the window's units over all processes, clip, step."""
+        t, ctx = self.cfg.trainer, self.ctx
+        self.scaler.unscale_(self.optimizer)
+        if ctx.distributed:
+            # DDP averaged the gradients over processes: multiply by W/units to get sum/units.
+            units = ctx.all_reduce_sum(torch.tensor(float(window_units), device=ctx.device, dtype=torch.float64))
+            self.pending_units += units
+            scale: torch.Tensor | float = (ctx.world_size / units).float()
+        else:
+            units = window_units
+            self.state.samples_seen += int(window_units)
+            scale = 1.0 / float(window_units)
+        for p in self.params:
+            if p.grad is not None:
+                p.grad.mul_(scale)
+        if t.gradient_clip_val > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, t.gradient_clip_val)
+        bad = ~torch.isfinite(window_loss)
+        first_bad_step.copy_(torch.where(bad & (first_bad_step < 0), self.state.step, first_bad_step))
+        stepped = True
+        if t.skip_nonfinite and bool(bad):  # opt-in: one host sync per step to skip the step
+            stepped = False
+            self.scaler.update() if self.scaler.is_enabled() else None
+        else:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.schedule.step()  # also after a skipped step: the lr stays a function of the step count
+        self.state.step += 1
+        return stepped
+
+    def sync_counts(self) -> None:
+        """Fold the device-side unit count (DDP) into the loop state; called at logging points."""
+        if self.ctx.distributed:
+            self.state.samples_seen += int(self.pending_units.item())
+            self.pending_units.zero_()
+
+    def check_finite(self, first_bad_step: torch.Tensor) -> None:
+        if self.cfg.trainer.skip_nonfinite:
+            return
+        bad = int(first_bad_step.item())
+        if bad >= 0:
+            raise NonFiniteLoss(
+                f"non-finite training loss (NaN or Inf) in family '{self.bundle.family}' at optimizer step {bad}; "
+                "lower optim.lr, use trainer.precision=32, or set trainer.skip_nonfinite=true to skip such steps")

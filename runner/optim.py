@@ -1,0 +1,89 @@
+"""Optimizers (group ``optim``) and learning-rate schedules (group ``schedule``).
+
+Every schedule is a multiplier of the base lr as a function of the optimizer step, applied by
+``torch.optim.lr_scheduler.LambdaLR`` once per optimizer step: epoch-based schedules convert
+the step to an epoch with the number of optimizer steps per epoch.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import nn
+
+from runner.config import OptimConfig, ScheduleConfig
+from runner.errors import UserError
+
+
+def build_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
+    name = cfg.name.value if hasattr(cfg.name, "value") else str(cfg.name)
+    if cfg.lr <= 0:
+        raise UserError(f"optim.lr={cfg.lr} must be > 0")
+    if name == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay
+        )
+    raise UserError(f"optim.name={name!r} is not known; allowed: adam, adamw, sgd")
+
+
+def iwae_paper_epochs(last_stage: int) -> int:
+    """Passes in stages 0..last_stage: sum of 3^i (3280 for the paper's 0..7)."""
+    return sum(3**i for i in range(last_stage + 1))
+
+
+def iwae_paper_stage(epoch: int) -> int:
+    stage, end = 0, 1
+    while epoch >= end:
+        stage += 1
+        end += 3**stage
+    return stage
+
+
+def schedule_epochs(cfg: ScheduleConfig) -> int | None:
+    """The run length a schedule defines on its own, or None."""
+    if _name(cfg) == "iwae_paper":
+        if not 0 <= cfg.last_stage:
+            raise UserError(f"schedule.last_stage={cfg.last_stage} must be >= 0")
+        return iwae_paper_epochs(cfg.last_stage)
+    return None
+
+
+def _name(cfg: ScheduleConfig) -> str:
+    return cfg.name.value if hasattr(cfg.name, "value") else str(cfg.name)
+
+
+def lr_multiplier(cfg: ScheduleConfig, steps_per_epoch: int, total_steps: int) -> Callable[[int], float]:
+    name = _name(cfg)
+    steps_per_epoch = max(1, steps_per_epoch)
+
+    def base(step: int) -> float:
+        if name == "constant":
+            return 1.0
+        if name == "step":
+            return cfg.step_gamma ** ((step // steps_per_epoch) // max(1, cfg.step_epochs))
+        if name == "cosine":
+            progress = min(1.0, step / max(1, total_steps))
+            return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        if name == "iwae_paper":
+            return 10 ** (-iwae_paper_stage(step // steps_per_epoch) / 7)
+        raise UserError(f"schedule.name={name!r} is not known; allowed: constant, step, cosine, iwae_paper")
+
+    def multiplier(step: int) -> float:
+        warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else 1.0
+        return warm * base(step)
+
+    multiplier(0)  # fail at start-up on an unknown name
+    return multiplier
+
+
+def build_schedule(optimizer, cfg: ScheduleConfig, steps_per_epoch: int, total_steps: int):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg, steps_per_epoch, total_steps))
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())

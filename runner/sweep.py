@@ -1,0 +1,63 @@
+"""Sweeps: one row per job (its overrides and final metrics), as ``summary.csv`` at the sweep root."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from runner.engine.files import atomic_write_text
+
+
+def job_row(job_dir: Path) -> dict[str, Any]:
+    """Overrides + status + flat final metrics of one job folder."""
+    row: dict[str, Any] = {"job": job_dir.name}
+    overrides_file = job_dir / ".hydra" / "overrides.yaml"
+    if overrides_file.is_file():
+        for item in OmegaConf.load(overrides_file):
+            key, _, value = str(item).partition("=")
+            row[key.lstrip("+~")] = value
+    summary_file = job_dir / "summary.json"
+    if summary_file.is_file():
+        summary = json.loads(summary_file.read_text())
+        row["status"] = summary.get("status")
+        row["error"] = summary.get("error")
+        row["steps"] = summary.get("steps")
+        row["wall_time_s"] = summary.get("wall_time_s")
+        row.update(summary.get("metrics", {}))
+    else:
+        row["status"] = "failed"
+        row["error"] = "no summary.json: the job did not start or was killed"
+    return row
+
+
+def job_folders(sweep_dir: Path) -> list[Path]:
+    folders = [p for p in Path(sweep_dir).iterdir() if p.is_dir() and (p / ".hydra").is_dir()]
+    return sorted(folders, key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0, p.name))
+
+
+def collect(sweep_dir: Path) -> pd.DataFrame:
+    return pd.DataFrame([job_row(p) for p in job_folders(sweep_dir)])
+
+
+def write_summary_csv(sweep_dir: Path) -> Path:
+    path = Path(sweep_dir) / "summary.csv"
+    atomic_write_text(path, collect(sweep_dir).to_csv(index=False))
+    return path
+
+
+class SummaryCSVCallback(Callback):
+    """Rewrites summary.csv after each job (so a killed sweep keeps its finished rows) and at the
+    end. Jobs run by a parallel launcher call on_job_end in their own processes; the file is
+    rebuilt from the job folders each time and replaced atomically, so it is never torn."""
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        sweep_dir = config.hydra.sweep.dir if config.hydra.mode.name == "MULTIRUN" else None
+        if sweep_dir and Path(sweep_dir).is_dir():
+            write_summary_csv(Path(sweep_dir))
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        write_summary_csv(Path(config.hydra.sweep.dir))
