@@ -8,6 +8,7 @@ from omegaconf import OmegaConf
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 _NOISE = ("Set the environment variable HYDRA_FULL_ERROR", "object_type=", "reference_type=")
+_UNKNOWN_KEY = ("is not in struct", "not in '")
 
 
 def describe(error: BaseException, overrides: list[str]) -> str:
@@ -15,10 +16,12 @@ def describe(error: BaseException, overrides: list[str]) -> str:
     if error.__cause__ is not None and str(error.__cause__) not in parts[0]:
         parts.append(str(error.__cause__))
     lines = [ln.rstrip() for part in parts for ln in part.splitlines()]
+    if "Config search path:" in lines:  # Hydra's list of search paths says nothing to a user
+        lines = lines[: lines.index("Config search path:")]
     lines = [ln for ln in lines if ln.strip() and not any(n in ln for n in _NOISE)]
     message = "\n".join(dict.fromkeys(lines))  # drop repeated lines, keep order
     key = _offending_key(message)
-    if key and "." in key:
+    if key and "." in key and any(marker in message for marker in _UNKNOWN_KEY):
         allowed = _allowed_keys(key.rsplit(".", 1)[0], overrides)
         if allowed:
             message += f"\nallowed keys of {key.rsplit('.', 1)[0]}: {', '.join(allowed)}"

@@ -24,3 +24,42 @@ def require(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"data not available: {path} is absent")
     return path
+
+
+def compose(*overrides: str):
+    """The composed config, as `python -m runner <overrides>` would see it (hydra keys removed)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from runner.config import register_configs, register_resolvers
+
+    register_configs()
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        return hydra_compose("config", overrides=list(overrides))
+
+
+def run_in_process(tmp_path: Path, *overrides: str) -> tuple[int, Path]:
+    """Run a job in this process (faster than the CLI); returns (exit code, run folder)."""
+    from runner.engine.run import run
+
+    cfg = compose(*overrides)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run(cfg, run_dir), run_dir
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None):
+    """`python -m runner <args>` in a subprocess; returns the CompletedProcess."""
+    import subprocess
+    import sys
+
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "runner", *args], cwd=cwd or ROOT, capture_output=True,
+                          text=True, timeout=timeout, env=full_env)
+
+
+def only_run_folder(output_root: Path) -> Path:
+    runs = sorted((output_root / "runs").iterdir())
+    assert len(runs) == 1, runs
+    return runs[0]

@@ -49,9 +49,9 @@ class ProgressDisplay:
             self.bar = None
 
 
-def metrics_table(metrics: dict[str, float], title: str) -> Table:
+def metrics_table(metrics: dict[str, float]) -> Table:
     """The headline metrics (per-label ones live in per_class.csv)."""
-    table = Table(title=title)
+    table = Table()
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key in sorted(metrics):

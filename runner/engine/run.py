@@ -91,6 +91,7 @@ def run(cfg: DictConfig, run_dir: Path | None, console: Console | None = None) -
         if not ctx.is_main:
             results = RunResults(None)
         results.write_summary(status="running")
+        log.info("run folder %s, device %s\n%s", run_dir, results.summary["device"], OmegaConf.to_yaml(cfg))
         t = cfg.trainer
         seed_everything(t.seed, t.deterministic)
         bundle = build(cfg.dataset, "dataset")
@@ -156,7 +157,7 @@ def run(cfg: DictConfig, run_dir: Path | None, console: Console | None = None) -
     except UserError as e:
         status, code = "failed", EXIT_USER_ERROR
         results.summary["error"] = str(e)
-        log.error("user error: %s", e)
+        log.info("user error: %s", e)  # run.log only; the terminal gets the one line below
         console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
     except Interrupted as e:
         status = "interrupted"
@@ -170,7 +171,7 @@ def run(cfg: DictConfig, run_dir: Path | None, console: Console | None = None) -
         status, code = "failed", EXIT_FAILED
         message = _runtime_message(e)
         results.summary["error"] = message
-        log.error("run failed: %s\n%s", message, traceback.format_exc())
+        log.info("run failed: %s\n%s", message, traceback.format_exc())  # the traceback goes to run.log only
         where = f" (traceback in {run_dir / 'run.log'})" if run_dir is not None else ""
         console.print(f"[bold red]failed:[/] {message}{where}", highlight=False, soft_wrap=True)
     finally:
@@ -184,8 +185,9 @@ def run(cfg: DictConfig, run_dir: Path | None, console: Console | None = None) -
         if ctx is not None and ctx.distributed:
             devices.shutdown()
     if status == "completed" and results.enabled:
-        console.print(metrics_table(results.summary["metrics"], f"{cfg.name}: final metrics"))
-        console.print(f"run folder: {run_dir}")
+        console.print(f"[bold]{cfg.name}: final metrics", soft_wrap=True)
+        console.print(metrics_table(results.summary["metrics"]))
+        console.print(f"run folder: {run_dir}", soft_wrap=True)
     return code
 
 

@@ -1,0 +1,114 @@
+"""The command line as a user meets it: run folder contents, summary.json, exit codes and
+messages for bad configs, sweeps, evaluation-only runs, run-folder uniqueness."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from conftest import ROOT, only_run_folder, run_cli
+
+FAST = ["experiment=regression", "device=cpu", "trainer.max_epochs=1"]
+SUMMARY_FIELDS = {"status", "metrics", "eval_samples", "steps", "samples_seen", "wall_time_s", "throughput",
+                  "device", "error"}
+
+
+def test_end_to_end_run_folder(tmp_path):
+    result = run_cli(*FAST, f"output_root={tmp_path}", "trainer.val_every_n_steps=8")
+    assert result.returncode == 0, result.stderr
+    run_dir = only_run_folder(tmp_path)
+    assert run_dir.name.endswith("_regression")
+    for name in (".hydra/config.yaml", ".hydra/overrides.yaml", ".hydra/hydra.yaml", "metrics.jsonl",
+                 "summary.json", "checkpoints/last.pt", "checkpoints/best.pt", "run.log"):
+        assert (run_dir / name).is_file(), name
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert SUMMARY_FIELDS <= summary.keys()
+    assert summary["status"] == "completed" and summary["error"] is None
+    assert summary["eval_samples"] == {"val": 64, "test": 64}
+    assert summary["steps"] == 16 and summary["samples_seen"] == 256
+    assert summary["throughput"] > 0 and summary["wall_time_s"] > 0 and summary["device"] == "cpu"
+    assert {"val/loss", "test/loss"} <= summary["metrics"].keys()
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all({"epoch", "step", "split"} <= row.keys() for row in rows)
+    val_steps = [r["step"] for r in rows if r["split"] == "val"]
+    assert val_steps == [8, 16]
+    assert [r["split"] for r in rows].count("test") == 1
+    for name in ("last", "best"):
+        payload = torch.load(run_dir / "checkpoints" / f"{name}.pt", weights_only=True)
+        assert {"model", "optimizer", "schedule", "loop", "rng"} <= payload.keys()
+    assert "final metrics" in result.stdout and "test/loss" in result.stdout  # the closing table
+
+
+def test_eval_only_from_checkpoint(tmp_path):
+    assert run_cli(*FAST, f"output_root={tmp_path / 'train'}").returncode == 0
+    trained = only_run_folder(tmp_path / "train")
+    result = run_cli(*FAST, "mode=eval", f"ckpt_path={trained / 'checkpoints/best.pt'}",
+                     f"output_root={tmp_path / 'eval'}")
+    assert result.returncode == 0, result.stderr
+    evaluated = only_run_folder(tmp_path / "eval")
+    assert evaluated != trained
+    summary = json.loads((evaluated / "summary.json").read_text())
+    original = json.loads((trained / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == 0
+    assert summary["metrics"]["test/loss"] == pytest.approx(original["metrics"]["test/loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize("override, needle, code", [
+    ("trainer.foo=1", "allowed keys of trainer: accumulate_grad_batches", 2),
+    ("trainer.batch_size=abc", "trainer.batch_size", 2),
+    ("loss=nope", "Available options in 'loss'", 2),
+    ("optim.name=rmsprop", "expected one of [adam, adamw, sgd]", 2),
+    ("trainer.batch_size=0", "trainer.batch_size=0 must be > 0", 2),
+    ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches=0 must be > 0", 2),
+    ("model.foo=3", "allowed keys of model: batchnorm, hidden", 2),
+    ("model.hidden=wide", "model.hidden='wide' has the wrong type: expected int", 2),
+    ("trainer.precision=8", "allowed: 32, bf16, 16", 2),
+    ("mode=eval", "mode=eval needs ckpt_path", 2),
+])
+def test_bad_config_exit_code_and_message(tmp_path, override, needle, code):
+    result = run_cli(*FAST, f"output_root={tmp_path}", override)
+    assert result.returncode == code
+    err = result.stderr + result.stdout
+    assert needle in err
+    assert "Traceback" not in err
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path):
+    assert run_cli(*FAST, f"output_root={tmp_path / 'a'}").returncode == 0
+    ckpt = only_run_folder(tmp_path / "a") / "checkpoints" / "last.pt"
+    result = run_cli(*FAST, "model.hidden=32", "mode=eval", f"ckpt_path={ckpt}", f"output_root={tmp_path / 'b'}")
+    assert result.returncode == 2 and "belongs to another model or config" in result.stderr + result.stdout
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(ckpt.read_bytes()[:1000])
+    result = run_cli(*FAST, "mode=eval", f"ckpt_path={truncated}", f"output_root={tmp_path / 'c'}")
+    assert result.returncode == 2 and "cannot be read" in result.stderr + result.stdout
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_sweep_of_two_jobs_gives_summary_csv(tmp_path):
+    result = run_cli("-m", *FAST, "trainer.seed=0,1", f"output_root={tmp_path}")
+    assert result.returncode == 0, result.stderr
+    (sweep,) = (tmp_path / "multirun").iterdir()
+    table = pd.read_csv(sweep / "summary.csv")
+    assert len(table) == 2
+    assert sorted(table["trainer.seed"]) == [0, 1]
+    assert (table["status"] == "completed").all()
+    assert table["test/loss"].notna().all() and table["test/loss"].nunique() == 2
+    for job in ("0", "1"):
+        assert (sweep / job / "summary.json").is_file()
+
+
+def test_runs_started_in_the_same_second_get_distinct_folders(tmp_path):
+    args = [sys.executable, "-m", "runner", *FAST, f"output_root={tmp_path}", "hydra.run.dir=${run_folder:null,"
+            f"{tmp_path}/runs/same}}"]
+    procs = [subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for _ in range(3)]
+    assert all(p.wait(timeout=300) == 0 for p in procs)
+    names = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert names == ["same", "same_1", "same_2"]
+    for name in names:
+        assert json.loads((tmp_path / "runs" / name / "summary.json").read_text())["status"] == "completed"
