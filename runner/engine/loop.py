@@ -209,14 +209,21 @@ class Trainer:
                     skip_batches=self.state.batch_in_epoch, num_workers=t.num_workers, pin=ctx.device.type == "cuda")
                 window_loss = torch.zeros((), device=ctx.device, dtype=torch.float64)
                 window_units = 0
-                for batch in loader:
+                batches, previous = iter(loader), None
+                while self.state.batch_in_epoch < self.batches_per_epoch:
                     i = self.state.batch_in_epoch
-                    if i >= self.batches_per_epoch:
-                        break
                     steps_now = (i + 1) % accumulate == 0 or i + 1 == self.batches_per_epoch
-                    batch = ctx.to_device(batch)
+                    batch = next(batches, None)
+                    # Shards differ by at most one sample, so a process may run out one batch
+                    # early: it repeats its last batch with weight 0, taking part in DDP's
+                    # gradient all-reduce without adding anything to it.
+                    weight = 1 if batch is not None else 0
+                    batch = previous if batch is None else ctx.to_device(batch)
+                    previous = batch
                     with ctx.no_sync(self.model, skip=not steps_now), autocast(ctx, self.precision):
                         loss_sum, units = family.train_loss(batch)
+                        if weight == 0:
+                            loss_sum, units = loss_sum * 0.0, 0
                         self.scaler.scale(loss_sum.float()).backward()
                     window_loss += loss_sum.detach().double()
                     window_units += units
@@ -277,7 +284,6 @@ class Trainer:
             self.pending_units += units
             scale: torch.Tensor | float = (ctx.world_size / units).float()
         else:
-            units = window_units
             self.state.samples_seen += int(window_units)
             scale = 1.0 / float(window_units)
         for p in self.params:

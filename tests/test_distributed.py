@@ -1,0 +1,92 @@
+"""DDP on the CPU with gloo: 2 processes equal 1 process at twice the batch; evaluation counts
+every sample once; torchrun rendezvous across two "nodes"; a ddp multirun."""
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, only_run_folder, run_cli
+
+BASE = ["experiment=regression", "trainer.progress=none", "optim=sgd", "optim.momentum=0.0", "optim.lr=0.05",
+        "dataset.n_train=250", "trainer.max_epochs=2"]
+DDP2 = ["device=ddp", "device.devices=2", "device.backend=gloo"]
+
+
+def weights(run_dir):
+    return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["model"]
+
+
+def summary(run_dir):
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def test_two_processes_equal_one_process_at_twice_the_batch(tmp_path):
+    # 250 samples: the shards (125 each) and the last batches are uneven on purpose.
+    one = run_cli(*BASE, "device=cpu", "trainer.batch_size=16", f"output_root={tmp_path / 'one'}")
+    two = run_cli(*BASE, *DDP2, "trainer.batch_size=8", f"output_root={tmp_path / 'two'}")
+    assert one.returncode == 0, one.stderr
+    assert two.returncode == 0, two.stderr
+    a, b = only_run_folder(tmp_path / "one"), only_run_folder(tmp_path / "two")
+    wa, wb = weights(a), weights(b)
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], rtol=1e-5, atol=1e-6)
+    sa, sb = summary(a), summary(b)
+    assert sa["steps"] == sb["steps"] and sa["samples_seen"] == sb["samples_seen"] == 500
+    assert sb["device"].startswith("ddp x2")
+
+
+def test_parallel_evaluation_counts_every_sample_once(tmp_path):
+    # 1001 divides by neither the world size (2) nor the batch size (64).
+    common = [*BASE, "dataset.n_val=1001", "dataset.n_test=1001", "trainer.eval_batch_size=64"]
+    assert run_cli(*common, "device=cpu", "trainer.batch_size=16", f"output_root={tmp_path / 'one'}").returncode == 0
+    result = run_cli(*common, *DDP2, "trainer.batch_size=8", f"output_root={tmp_path / 'two'}")
+    assert result.returncode == 0, result.stderr
+    trained = only_run_folder(tmp_path / "one")
+    ckpt = trained / "checkpoints" / "last.pt"
+    for name, device in (("eval1", ["device=cpu"]), ("eval2", DDP2)):
+        res = run_cli(*common, *device, "mode=eval", f"ckpt_path={ckpt}", f"output_root={tmp_path / name}")
+        assert res.returncode == 0, res.stderr
+    s1, s2 = summary(only_run_folder(tmp_path / "eval1")), summary(only_run_folder(tmp_path / "eval2"))
+    assert s1["eval_samples"] == s2["eval_samples"] == {"val": 1001, "test": 1001}
+    assert s2["metrics"]["test/n"] == 1001.0
+    for key in s1["metrics"]:
+        # equal up to float32 summation order: the shards cut the batches at other places
+        assert s2["metrics"][key] == pytest.approx(s1["metrics"][key], rel=1e-6), key
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_node_torchrun_rendezvous_on_localhost(tmp_path):
+    port = _free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=runner-test",
+           "-m", "runner", *BASE, *DDP2[:1], "device.backend=gloo", "trainer.batch_size=8",
+           f"output_root={tmp_path}"]
+    nodes = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outputs = [n.communicate(timeout=300) for n in nodes]
+    assert all(n.returncode == 0 for n in nodes), outputs
+    run_dir = only_run_folder(tmp_path)  # exactly one run folder for the two processes
+    s = summary(run_dir)
+    assert s["status"] == "completed" and s["device"].startswith("ddp x2")
+    assert s["samples_seen"] == 500
+
+
+def test_ddp_multirun_gives_one_folder_per_job(tmp_path):
+    result = run_cli("-m", *BASE, *DDP2, "trainer.batch_size=8", "trainer.seed=0,1", f"output_root={tmp_path}")
+    assert result.returncode == 0, result.stderr
+    (sweep,) = (tmp_path / "multirun").iterdir()
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert jobs == ["0", "1"]
+    for job in jobs:
+        assert summary(sweep / job)["status"] == "completed"
+    assert not (tmp_path / "runs").exists()
