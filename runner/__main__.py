@@ -33,7 +33,7 @@ def load_resumed_config(cfg: DictConfig) -> DictConfig:
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="config")
-def _task(cfg: DictConfig) -> int:
+def _task(cfg: DictConfig) -> float:
     from runner.engine.run import run  # heavy imports after the config is known to be valid
 
     _state["task_started"] = True
@@ -55,7 +55,16 @@ def _task(cfg: DictConfig) -> int:
     _state["codes"].append(code)
     if hydra_cfg.mode == RunMode.RUN and code != 0:
         sys.exit(code)
-    return code
+    return monitored_value(cfg, run_dir)
+
+
+def monitored_value(cfg: DictConfig, run_dir: Path) -> float:
+    """The job's value for a sweeper that optimises (Optuna): its final monitored metric."""
+    from runner.engine.results import read_summary
+
+    summary = read_summary(run_dir) or {}
+    value = summary.get("metrics", {}).get(cfg.trainer.monitor)
+    return float(value) if isinstance(value, (int, float)) and summary.get("status") == "completed" else float("nan")
 
 
 def main() -> None:
@@ -74,7 +83,9 @@ def main() -> None:
 
         print(f"error: {describe(e, sys.argv[1:])}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
-    if any(code != 0 for code in _state["codes"]):
+    from runner.sweep import last_sweep_failures
+
+    if any(code != 0 for code in _state["codes"]) or last_sweep_failures:
         sys.exit(1)
 
 

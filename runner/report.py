@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from runner.engine.files import atomic_write_text
-from runner.sweep import collect, write_summary_csv
+from runner.sweep import write_summary_csv
 
 SEED_KEY = "trainer.seed"
 NON_METRICS = {"job", "status", "error", "steps", "wall_time_s"}
@@ -70,8 +70,7 @@ def render(shown: pd.DataFrame, title: str) -> Table:
 
 def report_sweep(folder: Path, metrics: list[str] | None, sort: str | None, group_by: list[str] | None,
                  console: Console) -> pd.DataFrame:
-    write_summary_csv(folder)
-    table = collect(folder)
+    table = write_summary_csv(folder)
     override_keys = [c for c in table.columns if c not in NON_METRICS and "/" not in c]
     metrics = metric_columns(table, metrics)
     keys = group_by if group_by is not None else swept_keys(table, override_keys)

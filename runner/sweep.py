@@ -43,10 +43,15 @@ def collect(sweep_dir: Path) -> pd.DataFrame:
     return pd.DataFrame([job_row(p) for p in job_folders(sweep_dir)])
 
 
-def write_summary_csv(sweep_dir: Path) -> Path:
-    path = Path(sweep_dir) / "summary.csv"
-    atomic_write_text(path, collect(sweep_dir).to_csv(index=False))
-    return path
+def write_summary_csv(sweep_dir: Path) -> pd.DataFrame:
+    table = collect(sweep_dir)
+    atomic_write_text(Path(sweep_dir) / "summary.csv", table.to_csv(index=False))
+    return table
+
+
+# Jobs of the last sweep that did not complete; read by the entry point for its exit code
+# (jobs of a parallel launcher run in other processes, so their exit codes are not at hand).
+last_sweep_failures: list[str] = []
 
 
 class SummaryCSVCallback(Callback):
@@ -60,4 +65,5 @@ class SummaryCSVCallback(Callback):
             write_summary_csv(Path(sweep_dir))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        write_summary_csv(Path(config.hydra.sweep.dir))
+        table = write_summary_csv(Path(config.hydra.sweep.dir))
+        last_sweep_failures[:] = [str(j) for j in table.loc[table["status"] != "completed", "job"]] if len(table) else []
