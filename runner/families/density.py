@@ -1,0 +1,100 @@
+"""The latent-variable density family: VAE / IWAE / DReG on binarised 28x28 images.
+
+train_loss: binarise the batch with ``torch.bernoulli`` from the global RNG (dynamic
+binarisation, as in Burda et al.; identity on items that are already 0/1), ONE model call that
+draws k samples per data point from a single encoder pass, and the sum of the per-sample
+negative bounds. Evaluation: runner/metrics/density.py. After the test evaluation a grid of
+samples and reconstructions goes to ``run_dir/plots/samples.png`` when matplotlib is installed.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from torch import Tensor
+
+from runner.build import build as build_node
+from runner.engine.family import DataBundle, Family
+from runner.losses.iwae import ImportanceBound
+from runner.metrics.density import DensityEvaluator
+from runner.models.vae import VAE
+from runner.errors import UserError
+
+log = logging.getLogger(__name__)
+PLOT_SEED = 0
+GRID = 8  # the plot shows GRID x GRID samples and GRID x GRID test images beside their reconstructions
+
+
+class DensityFamily(Family):
+    def __init__(self, model: VAE, loss: ImportanceBound, bundle: DataBundle):
+        self.model, self.loss, self.bundle = model, loss, bundle
+        self.dim = int(bundle.info["dim"])
+        self.image_shape = tuple(bundle.info.get("image_shape", (28, 28)))
+
+    def train_loss(self, batch: Tensor) -> tuple[Tensor, int]:
+        x = torch.bernoulli(batch.float())
+        per_sample = self.loss(self.model(x, self.loss.k, self.loss.stop_q))
+        return per_sample.sum(), x.shape[0]
+
+    def evaluator(self, split: str) -> DensityEvaluator:
+        nll_k = self.loss.val_eval_k if split == "val" else self.loss.eval_k
+        return DensityEvaluator(self.raw_model, self.loss, nll_k, self.dim)
+
+    def after_evaluation(self, split: str, metrics: dict[str, float], run_dir: Path | None) -> None:
+        if split == "test" and run_dir is not None and self.bundle.test is not None:
+            write_samples_plot(self.raw_model, self.bundle.test, self.image_shape, Path(run_dir) / "plots" / "samples.png")
+
+
+_warned_no_matplotlib = False
+
+
+def write_samples_plot(model: VAE, test_set, image_shape: tuple[int, int], path: Path) -> bool:
+    """Prior samples (left) and test images over their reconstructions (right). False when
+    matplotlib is absent (said once per process)."""
+    global _warned_no_matplotlib
+    try:
+        from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
+    except ImportError:
+        if not _warned_no_matplotlib:
+            log.warning("matplotlib is not installed: plots/samples.png is not written (pip install matplotlib)")
+            _warned_no_matplotlib = True
+        return False
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    h, w = image_shape
+    n = GRID * GRID
+    generator = torch.Generator(device=device).manual_seed(PLOT_SEED)
+    samples = model.sample(n, generator=generator).cpu()
+    half = n // 2
+    originals = torch.zeros(half, h * w)
+    shown = min(half, len(test_set))
+    originals[:shown] = torch.stack([test_set[i].float() for i in range(shown)])
+    reconstructions = model.reconstruct(originals.to(device)).cpu()
+    model.train(was_training)
+    # Rows of test images alternate with rows of their reconstructions.
+    pairs = torch.stack([originals.reshape(-1, GRID, h * w), reconstructions.reshape(-1, GRID, h * w)], 1)
+    fig = Figure(figsize=(10, 5))
+    axes = fig.subplots(1, 2)
+    for ax, images, title in ((axes[0], samples, "samples p(x|z), z ~ prior"),
+                              (axes[1], pairs, "test images (odd rows) and reconstructions")):
+        grid = images.reshape(GRID, GRID, h, w).permute(0, 2, 1, 3).reshape(GRID * h, GRID * w)
+        ax.imshow(grid, cmap="gray", vmin=0, vmax=1)
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    return True
+
+
+def build(cfg: DictConfig, bundle: DataBundle) -> DensityFamily:
+    if bundle.family != "density":
+        raise UserError(f"dataset '{bundle.info.get('name', '?')}' is for the '{bundle.family}' family, "
+                        f"not 'density': choose a binarised image set (mnist, fashion_mnist, caltech_silhouettes, silhouettes)")
+    model = build_node(cfg.model, "model", x_dim=int(bundle.info["dim"]), train_mean=bundle.info.get("train_mean"))
+    loss = build_node(cfg.loss, "loss")
+    if not isinstance(model, VAE) or not isinstance(loss, ImportanceBound):
+        raise UserError("the density family needs model=vae1|vae2 and loss=elbo|iwae|dreg")
+    return DensityFamily(model, loss, bundle)
