@@ -1,0 +1,130 @@
+"""Character language model family: truncated BPTT with carried state, bits per character, samples.
+
+The data arrive prebatched (runner.data.text): item t of a split is chunk t of B parallel
+streams, so the hidden state left by chunk t is the right initial state for chunk t+1. The
+family keeps that state, detached (gradients stop at the chunk boundary: truncated BPTT), and
+resets it at the start of each epoch. Evaluators carry their own state through a split.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from torch import Tensor, nn
+
+from runner.build import build as build_node
+from runner.data.text import IGNORE_INDEX
+from runner.engine.family import DataBundle, Evaluator, Family
+from runner.errors import UserError
+from runner.losses.charlm import TokenCrossEntropy
+
+State = tuple[Tensor, Tensor]
+
+
+def _carry(state: State | None, batch_size: int) -> State | None:
+    """The carried state if it belongs to streams of this batch size, else None (zeros)."""
+    return state if state is not None and state[0].shape[1] == batch_size else None
+
+
+class CharLMEvaluator(Evaluator):
+    """Sums nll (nats) and the number of counted tokens; both additive, so exact across processes."""
+
+    def __init__(self, model: nn.Module, loss: nn.Module) -> None:
+        super().__init__()
+        self.model, self.loss, self.state = model, loss, None
+
+    # Tokens are counted on the device and read once, when the engine asks, not at every batch.
+    @property
+    def count(self) -> int:
+        return int(self.sums["tokens"]) if "tokens" in self.sums else 0
+
+    @count.setter
+    def count(self, value: int) -> None:
+        pass
+
+    def update(self, batch: tuple[Tensor, Tensor]) -> None:
+        x, y = batch
+        logits, state = self.model(x, _carry(self.state, x.shape[0]))
+        self.state = tuple(s.detach() for s in state)
+        # Summed in float64: a split has up to millions of tokens.
+        self.add_sum("nll", self.loss.per_token(logits, y).double().sum())
+        self.add_sum("tokens", (y != IGNORE_INDEX).sum())
+
+    def compute(self, sums: dict[str, Tensor], rows: dict[str, Tensor]) -> dict[str, float]:
+        nats = float(sums["nll"] / sums["tokens"])
+        return {"loss": nats, "bpc": nats / math.log(2)}
+
+
+class CharLMFamily(Family):
+    unit = "tokens"
+
+    def __init__(self, model: nn.Module, loss: nn.Module, vocab: list[str], seed: int = 0) -> None:
+        self.model, self.loss, self.vocab, self.seed = model, loss, vocab, seed
+        self.state: State | None = None
+        self.epoch: int | None = None
+        self._resumed: tuple[int, State] | None = None  # (epoch, state) from a checkpoint
+
+    def on_train_epoch_start(self, epoch: int) -> None:
+        # A state restored from a checkpoint taken inside this epoch continues; otherwise zeros.
+        resumed, self._resumed = self._resumed, None
+        self.state = resumed[1] if resumed is not None and resumed[0] == epoch else None
+        self.epoch = epoch
+
+    def state_dict(self) -> dict:
+        """The carried state, so that a run resumed mid-epoch continues its streams exactly.
+        Under several processes each holds other streams and only rank 0 saves: nothing is
+        kept then, and a resumed epoch restarts its streams from zeros."""
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1
+        if self.state is None or self.epoch is None or distributed:
+            return {}
+        return {"epoch": self.epoch, "h": self.state[0].detach().cpu(), "c": self.state[1].detach().cpu()}
+
+    def load_state_dict(self, payload: dict) -> None:
+        device = getattr(self, "device", None) or payload["h"].device
+        self._resumed = (payload["epoch"], (payload["h"].to(device), payload["c"].to(device)))
+
+    def train_loss(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, int]:
+        """(sum of token cross-entropies in nats, tokens). Training chunks hold no padding."""
+        x, y = batch
+        logits, state = self.model(x, _carry(self.state, x.shape[0]))
+        self.state = tuple(s.detach() for s in state)
+        return self.loss(logits, y), y.numel()
+
+    def evaluator(self, split: str) -> CharLMEvaluator:
+        return CharLMEvaluator(self.raw_model, self.loss)
+
+    def sample_text(self, length: int | None = None, temperature: float | None = None) -> str:
+        """Text drawn from the model after a newline prime, with a generator seeded by trainer.seed
+        (the same draws at every evaluation, so samples of successive epochs compare)."""
+        model = self.raw_model
+        prime = self.vocab.index("\n") if "\n" in self.vocab else 1
+        device = next(model.parameters()).device
+        ids = model.sample(torch.tensor([prime], device=device), length, temperature,
+                           generator=torch.Generator().manual_seed(self.seed))
+        return "".join("\ufffd" if i == 0 else self.vocab[i] for i in ids.tolist())
+
+    def after_evaluation(self, split: str, metrics: dict[str, float], run_dir: Path | None) -> None:
+        """Append a sample to run_dir/samples.txt under a header naming split, epoch and bpc."""
+        if run_dir is None:
+            return
+        model = self.raw_model
+        bpc = metrics.get("bpc", metrics.get(f"{split}/bpc"))
+        when = "evaluation only" if self.epoch is None else f"epoch {self.epoch}"
+        header = (f"=== {split} | {when} | bpc {bpc:.4f} | temperature {model.sample_temperature} ===\n"
+                  if bpc is not None else f"=== {split} | {when} | temperature {model.sample_temperature} ===\n")
+        with open(Path(run_dir) / "samples.txt", "a", encoding="utf-8") as f:
+            f.write(header + self.sample_text() + "\n\n")
+
+
+def build(cfg: DictConfig, bundle: DataBundle) -> CharLMFamily:
+    vocab: list[str] = list(bundle.info["vocab"])
+    model = build_node(cfg.model, "model", vocab_size=len(vocab))
+    if not hasattr(model, "sample"):
+        raise UserError(f"model={cfg.model.get('_target_')} is not a char-LM: use model=char_lstm")
+    loss = build_node(cfg.loss, "loss")
+    if not isinstance(loss, TokenCrossEntropy):
+        raise UserError(f"loss={cfg.loss.get('_target_')} does not apply to the char-LM: use loss=cross_entropy")
+    return CharLMFamily(model, loss, vocab, seed=int(cfg.trainer.get("seed", 0) or 0))
