@@ -68,6 +68,8 @@ class TrainerConfig:
     num_workers: int = 0
     skip_nonfinite: bool = False
     compile: bool = False  # torch.compile the model
+    cuda_graph: bool = False  # capture the whole optimizer step in one CUDA graph (small models)
+    data_on_device: bool = False  # keep a tensor-backed training set on the device, batch it there
     channels_last: bool = False
     limit_train_batches: int = -1  # -1 = all; for smoke runs
     progress: str = "auto"  # auto | rich | plain | none

@@ -16,18 +16,24 @@ from runner.config import OptimConfig, ScheduleConfig
 from runner.errors import UserError
 
 
-def build_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
+def build_optimizer(params, cfg: OptimConfig, device: torch.device | None = None,
+                    capturable: bool = False) -> torch.optim.Optimizer:
+    """``capturable``: state and lr on the device, fused kernels, so that the optimizer step can
+    be captured in a CUDA graph (trainer.cuda_graph)."""
     name = cfg.name.value if hasattr(cfg.name, "value") else str(cfg.name)
     if cfg.lr <= 0:
         raise UserError(f"optim.lr={cfg.lr} must be > 0")
+    lr: float | torch.Tensor = torch.tensor(cfg.lr, device=device) if capturable else cfg.lr
+    graph_args = {"capturable": True, "fused": True} if capturable else {}
     if name == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(params, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay,
+                                **graph_args)
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(params, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay,
+                                 **graph_args)
     if name == "sgd":
-        return torch.optim.SGD(
-            params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay
-        )
+        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                               weight_decay=cfg.weight_decay, **({"fused": True} if capturable else {}))
     raise UserError(f"optim.name={name!r} is not known; allowed: adam, adamw, sgd")
 
 
@@ -81,8 +87,38 @@ def lr_multiplier(cfg: ScheduleConfig, steps_per_epoch: int, total_steps: int) -
     return multiplier
 
 
-def build_schedule(optimizer, cfg: ScheduleConfig, steps_per_epoch: int, total_steps: int):
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg, steps_per_epoch, total_steps))
+class Schedule:
+    """lr = base lr x multiplier(optimizer step), set after every step. A tensor lr (an optimizer
+    captured in a CUDA graph) is filled in place from a host float: no device read-back."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, multiplier: Callable[[int], float]):
+        self.optimizer, self.multiplier = optimizer, multiplier
+        self.base_lrs = [float(g["lr"]) for g in optimizer.param_groups]
+        self.last_step = 0
+        self._apply()
+
+    def _apply(self) -> None:
+        factor = self.multiplier(self.last_step)
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(base * factor)
+            else:
+                group["lr"] = base * factor
+
+    def step(self) -> None:
+        self.last_step += 1
+        self._apply()
+
+    def state_dict(self) -> dict:
+        return {"last_step": self.last_step, "base_lrs": self.base_lrs}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.last_step, self.base_lrs = int(state["last_step"]), [float(b) for b in state["base_lrs"]]
+        self._apply()
+
+
+def build_schedule(optimizer, cfg: ScheduleConfig, steps_per_epoch: int, total_steps: int) -> Schedule:
+    return Schedule(optimizer, lr_multiplier(cfg, steps_per_epoch, total_steps))
 
 
 def has_batchnorm(model: nn.Module) -> bool:

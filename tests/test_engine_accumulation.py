@@ -67,3 +67,12 @@ def test_batchnorm_warning_once(tmp_path, caplog):
     assert code == 0
     warnings = [r for r in caplog.records if "BatchNorm" in r.getMessage()]
     assert len(warnings) == 1
+
+
+def test_device_resident_batches_match_the_data_loader(tmp_path):
+    """trainer.data_on_device cuts the same seeded batches on the device as the DataLoader."""
+    a, _ = final_weights(tmp_path / "loader", "trainer.max_epochs=2", "dataset.n_train=50", "trainer.batch_size=8")
+    b, _ = final_weights(tmp_path / "device", "trainer.max_epochs=2", "dataset.n_train=50", "trainer.batch_size=8",
+                         "trainer.data_on_device=true")
+    for name in a:
+        assert torch.equal(a[name], b[name]), name

@@ -99,3 +99,24 @@ def eval_loader(dataset: Dataset, *, batch_size: int, rank: int, world: int, pre
     if prebatched:
         return _loader(RowShard(dataset, rank, world), range(len(dataset)), None, num_workers, pin)
     return _loader(dataset, exact_eval_indices(len(dataset), rank, world), batch_size, num_workers, pin)
+
+
+class DeviceBatches:
+    """Training batches cut on the device from a tensor-backed dataset (one with ``tensors``,
+    like TensorDataset) moved to the device once: no DataLoader, no host-to-device copy per
+    step. The order is the same seeded global order as ``train_loader``'s."""
+
+    def __init__(self, dataset: Dataset, device: torch.device):
+        if not hasattr(dataset, "tensors"):
+            raise TypeError("trainer.data_on_device needs a tensor-backed dataset (one with a `tensors` attribute)")
+        self.tensors = tuple(t.to(device) for t in dataset.tensors)
+        self.as_tuple = isinstance(dataset[0], (tuple, list))  # items are tuples (TensorDataset) or one tensor
+        self.device, self.n = device, len(dataset)
+
+    def epoch(self, *, batch_size: int, epoch: int, seed: int, rank: int, world: int, weights: Tensor | None,
+              skip_batches: int = 0) -> Iterator[Any]:
+        order = train_order(self.n, seed, epoch, weights)[rank::world][skip_batches * batch_size:].to(self.device)
+        for start in range(0, order.shape[0], batch_size):
+            idx = order[start:start + batch_size]
+            rows = tuple(t[idx] for t in self.tensors)
+            yield rows if self.as_tuple else rows[0]

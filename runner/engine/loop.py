@@ -23,6 +23,7 @@ from runner.engine import checkpoint as ckpt
 from runner.engine import data as loaders
 from runner.engine.devices import DeviceContext
 from runner.engine.family import DataBundle, Family
+from runner.engine.graphs import GraphedStep, graph_unsupported
 from runner.engine.progress import ProgressDisplay
 from runner.engine.results import RunResults
 from runner.errors import UserError
@@ -81,9 +82,10 @@ class SignalFlag:
             signal.signal(sig, handler)
 
 
-def autocast(ctx: DeviceContext, precision: str):
+def autocast(ctx: DeviceContext, precision: str, cache_enabled: bool = True):
     dtype = AUTOCAST_DTYPES[precision]
-    return torch.autocast(device_type=ctx.device.type, dtype=dtype, enabled=dtype is not None)
+    return torch.autocast(device_type=ctx.device.type, dtype=dtype, enabled=dtype is not None,
+                          cache_enabled=cache_enabled)
 
 
 def evaluate(family: Family, bundle: DataBundle, split: str, cfg: DictConfig, ctx: DeviceContext) -> tuple[dict[str, float], int]:
@@ -120,7 +122,14 @@ class Trainer:
         self.precision = str(t.precision)
         self.model = family.model  # possibly wrapped (DDP); family.raw_model is the bare one
         self.params = [p for p in family.raw_model.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(self.params, cfg.optim)
+        if t.cuda_graph:
+            reason = graph_unsupported(ctx.device, ctx.world_size, t.accumulate_grad_batches, t.skip_nonfinite)
+            if reason is None and self.precision == "16":
+                reason = "trainer.cuda_graph does not support trainer.precision=16 (its grad scaler reads on the host); use bf16"
+            if reason:
+                raise UserError(reason)
+        self.optimizer = build_optimizer(self.params, cfg.optim, ctx.device, capturable=t.cuda_graph)
+        self.device_batches = loaders.DeviceBatches(bundle.train, ctx.device) if t.data_on_device else None
         self.batches_per_epoch = loaders.train_batches_per_epoch(bundle.train, t.batch_size, ctx.world_size, bundle.prebatched)
         if t.limit_train_batches > 0:
             self.batches_per_epoch = min(self.batches_per_epoch, t.limit_train_batches)
@@ -137,6 +146,11 @@ class Trainer:
         self.eval_samples: dict[str, int] = {}
         self.train_seconds = 0.0
         self.pending_units = torch.zeros((), device=ctx.device, dtype=torch.float64)
+        # Device-side loss sum and non-finite flag, updated inside the captured step too.
+        self.running_loss = torch.zeros((), device=ctx.device, dtype=torch.float64)
+        self.nonfinite_seen = torch.zeros((), device=ctx.device, dtype=torch.bool)
+        self.graphed = GraphedStep(self.graph_body) if t.cuda_graph else None
+        self.graph_units = 0
 
     # --- checkpoints -------------------------------------------------------------------------
     def checkpoint_payload(self) -> dict[str, Any]:
@@ -194,7 +208,6 @@ class Trainer:
             log.warning("the model has BatchNorm: with accumulate_grad_batches=%d its statistics are "
                         "computed per micro-batch of %d, not per optimizer step", accumulate, t.batch_size)
         progress = ProgressDisplay(self.total_steps, family.unit, t.progress, enabled=ctx.is_main)
-        running_loss = torch.zeros((), device=ctx.device, dtype=torch.float64)
         running_units = 0
         first_bad_step = torch.full((), -1, device=ctx.device, dtype=torch.long)
         last_log_time, last_log_units = time.time(), self.state.samples_seen
@@ -203,13 +216,9 @@ class Trainer:
             while self.state.epoch < self.max_epochs and not self.done():
                 epoch = self.state.epoch
                 family.on_train_epoch_start(epoch)
-                loader = loaders.train_loader(
-                    self.bundle.train, batch_size=t.batch_size, epoch=epoch, seed=t.seed, rank=ctx.rank,
-                    world=ctx.world_size, weights=self.bundle.train_weights, prebatched=self.bundle.prebatched,
-                    skip_batches=self.state.batch_in_epoch, num_workers=t.num_workers, pin=ctx.device.type == "cuda")
+                batches, previous = iter(self.epoch_batches(epoch)), None
                 window_loss = torch.zeros((), device=ctx.device, dtype=torch.float64)
                 window_units = 0
-                batches, previous = iter(loader), None
                 while self.state.batch_in_epoch < self.batches_per_epoch:
                     i = self.state.batch_in_epoch
                     steps_now = (i + 1) % accumulate == 0 or i + 1 == self.batches_per_epoch
@@ -220,34 +229,40 @@ class Trainer:
                     weight = 1 if batch is not None else 0
                     batch = previous if batch is None else ctx.to_device(batch)
                     previous = batch
-                    with ctx.no_sync(self.model, skip=not steps_now), autocast(ctx, self.precision):
-                        loss_sum, units = family.train_loss(batch)
-                        if weight == 0:
-                            loss_sum, units = loss_sum * 0.0, 0
-                        self.scaler.scale(loss_sum.float()).backward()
-                    window_loss += loss_sum.detach().double()
-                    window_units += units
                     self.state.batch_in_epoch += 1
-                    if not steps_now:
-                        continue
-                    if not self.optimizer_step(window_loss, window_units, first_bad_step):
-                        self.state.skipped_steps += 1
-                    running_loss += window_loss
-                    running_units += window_units
-                    window_loss = torch.zeros_like(window_loss)
-                    window_units = 0
+                    if self.graphed is not None and self.graphed.accepts(batch):
+                        self.graphed(batch)  # forward, backward and optimizer step, on the device
+                        running_units += self.graph_units
+                        self.finish_step(self.graph_units)
+                    else:
+                        with ctx.no_sync(self.model, skip=not steps_now), autocast(ctx, self.precision):
+                            loss_sum, units = family.train_loss(batch)
+                            if weight == 0:
+                                loss_sum, units = loss_sum * 0.0, 0
+                            self.scaler.scale(loss_sum.float()).backward()
+                        window_loss += loss_sum.detach().double()
+                        window_units += units
+                        if not steps_now:
+                            continue
+                        if not self.optimizer_step(window_loss, window_units, first_bad_step):
+                            self.state.skipped_steps += 1
+                        self.running_loss += window_loss
+                        running_units += window_units
+                        self.finish_step(window_units)
+                        window_loss = torch.zeros_like(window_loss)
+                        window_units = 0
                     if self.state.step % t.log_every_n_steps == 0 or self.done():
                         self.check_finite(first_bad_step)
                         self.sync_counts()
-                        loss = float(ctx.all_reduce_sum(running_loss).item()) / max(
+                        loss = float(ctx.all_reduce_sum(self.running_loss).item()) / max(
                             1, int(ctx.all_reduce_sum(torch.tensor(running_units, device=ctx.device)).item()))
                         now = time.time()
                         rate = (self.state.samples_seen - last_log_units) / max(now - last_log_time, 1e-9)
                         last_log_time, last_log_units = now, self.state.samples_seen
                         progress.update(self.state.step, epoch, loss, rate)
                         self.results.log({"epoch": epoch, "step": self.state.step, "split": "train", "loss": loss,
-                                          "lr": self.optimizer.param_groups[0]["lr"], f"{family.unit}_per_s": rate})
-                        running_loss.zero_()
+                                          "lr": float(self.optimizer.param_groups[0]["lr"]), f"{family.unit}_per_s": rate})
+                        self.running_loss.zero_()  # in place: the captured step adds into this tensor
                         running_units = 0
                     if t.val_every_n_steps > 0 and self.state.step % t.val_every_n_steps == 0:
                         self.validate(progress)
@@ -271,6 +286,40 @@ class Trainer:
             self.train_seconds += time.time() - started
             progress.close()
 
+    def epoch_batches(self, epoch: int):
+        t, ctx = self.cfg.trainer, self.ctx
+        common = dict(batch_size=t.batch_size, epoch=epoch, seed=t.seed, rank=ctx.rank, world=ctx.world_size,
+                      weights=self.bundle.train_weights, skip_batches=self.state.batch_in_epoch)
+        if self.device_batches is not None:
+            return self.device_batches.epoch(**common)
+        return loaders.train_loader(self.bundle.train, prebatched=self.bundle.prebatched, num_workers=t.num_workers,
+                                    pin=ctx.device.type == "cuda", **common)
+
+    def graph_body(self, batch: Any) -> None:
+        """One whole optimizer step, written to be captured: no host reads, static shapes, and
+        gradients zeroed in place after the step (their memory belongs to the graph, and an eager
+        step for an odd-sized batch must find them zero)."""
+        t = self.cfg.trainer
+        with autocast(self.ctx, self.precision, cache_enabled=False):
+            loss_sum, units = self.family.train_loss(batch)
+        loss_sum.float().backward()
+        self.graph_units = int(units)
+        grads = [p.grad for p in self.params if p.grad is not None]
+        torch._foreach_mul_(grads, 1.0 / self.graph_units)
+        if t.gradient_clip_val > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, t.gradient_clip_val, foreach=True)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=False)
+        loss = loss_sum.detach().double()
+        self.running_loss.add_(loss)
+        self.nonfinite_seen.logical_or_(~torch.isfinite(loss))
+
+    def finish_step(self, units: int) -> None:
+        self.schedule.step()  # also after a skipped step: the lr stays a function of the step count
+        self.state.step += 1
+        if not self.ctx.distributed:
+            self.state.samples_seen += int(units)
+
     def done(self) -> bool:
         return self.state.step >= self.total_steps
 
@@ -284,7 +333,6 @@ class Trainer:
             self.pending_units += units
             scale: torch.Tensor | float = (ctx.world_size / units).float()
         else:
-            self.state.samples_seen += int(window_units)
             scale = 1.0 / float(window_units)
         for p in self.params:
             if p.grad is not None:
@@ -300,9 +348,8 @@ class Trainer:
         else:
             self.scaler.step(self.optimizer)
             self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.schedule.step()  # also after a skipped step: the lr stays a function of the step count
-        self.state.step += 1
+        # Under a captured step the gradients' memory belongs to the graph: zero it in place.
+        self.optimizer.zero_grad(set_to_none=self.graphed is None)
         return stepped
 
     def sync_counts(self) -> None:
@@ -315,6 +362,8 @@ class Trainer:
         if self.cfg.trainer.skip_nonfinite:
             return
         bad = int(first_bad_step.item())
+        if bad < 0 and bool(self.nonfinite_seen):
+            bad = self.state.step  # inside a captured step: known to have happened by this step
         if bad >= 0:
             raise NonFiniteLoss(
                 f"non-finite training loss (NaN or Inf) in family '{self.bundle.family}' at optimizer step {bad}; "

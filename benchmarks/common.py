@@ -1,0 +1,99 @@
+"""Shared pieces of the side-by-side benchmarks: the device's two ceilings, timing, and running
+runner in-process through its own configs."""
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_ceilings(device: torch.device) -> dict[str, float]:
+    """A large bf16 matrix product (TFLOP/s) and a large device copy (TB/s, read + write),
+    on random data, median of 10 after 3 warm-ups."""
+    if device.type != "cuda":
+        return {}
+    n = 8192
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    src = torch.randn(2**30 // 4, device=device)  # 1 GiB
+    dst = torch.empty_like(src)
+
+    def timed(fn: Callable[[], Any]) -> float:
+        for _ in range(3):
+            fn()
+        times = []
+        for _ in range(10):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        return statistics.median(times)
+
+    matmul_s = timed(lambda: a @ b)
+    copy_s = timed(lambda: dst.copy_(src))
+    return {"bf16_tflops": 2 * n**3 / matmul_s / 1e12, "copy_tbps": 2 * src.numel() * 4 / copy_s / 1e12,
+            "gpu": torch.cuda.get_device_name(device), "torch": torch.__version__}
+
+
+def rate(fn: Callable[[int], None], steps: int, warmup: int, device: torch.device, repeats: int = 3) -> float:
+    """Steps per second of ``fn(steps)`` (which runs that many steps), best of ``repeats`` after
+    ``warmup`` steps; synchronised before reading the clock."""
+    fn(warmup)
+    sync(device)
+    best = 0.0
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn(steps)
+        sync(device)
+        best = max(best, steps / (time.perf_counter() - start))
+    return best
+
+
+def run_runner(*overrides: str) -> tuple[dict, list[dict]]:
+    """Run ``python -m runner <overrides>`` in this process; (summary.json, metrics.jsonl rows)."""
+    from hydra import compose, initialize_config_dir
+
+    from runner.config import register_configs, register_resolvers
+    from runner.engine.run import run
+
+    register_configs()
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        cfg = compose("config", overrides=list(overrides))
+    run_dir = Path(tempfile.mkdtemp(prefix="bench-run-"))
+    code = run(cfg, run_dir)
+    if code != 0:
+        raise RuntimeError(f"runner exited with {code}: {json.loads((run_dir / 'summary.json').read_text())['error']}")
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return json.loads((run_dir / "summary.json").read_text()), rows
+
+
+def steady_rate(rows: list[dict], unit: str, skip: int = 1) -> float:
+    """Median training rate between logging points, leaving out the first ``skip`` windows
+    (warm-up, graph capture, compilation)."""
+    rates = [r[f"{unit}_per_s"] for r in rows if r["split"] == "train"][skip:]
+    return statistics.median(rates)
+
+
+def table(rows: list[tuple[str, float, str]], reference: float) -> str:
+    width = max(len(name) for name, _, _ in rows)
+    lines = [f"{'variant':<{width}}  {'rate':>12}  ratio vs (a)"]
+    for name, value, unit in rows:
+        lines.append(f"{name:<{width}}  {value:>12,.1f} {unit}  {value / reference:5.2f}x")
+    return "\n".join(lines)

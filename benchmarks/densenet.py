@@ -1,0 +1,201 @@
+"""DenseNet121, 224 px, 4 labels: training at batch 64 and evaluation at batch 256, side by side.
+
+(a) the hand-written loop: fp32, eager, a DataLoader, ``loss.item()`` every step;
+(b) Lightning's Trainer, bf16-mixed and 32-true, fed by the same DataLoader;
+(c) runner through its configs (focal_densenet at 224 px), in the variants that matter.
+Evaluation: (a) fp32 with ``.item()`` per batch against runner's ``evaluate`` in bf16 +
+channels_last, with the predictions compared.
+Usage: python benchmarks/densenet.py [--steps N]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from common import device_ceilings, rate, run_runner, steady_rate, sync, table
+
+SIZE, BATCH, EVAL_BATCH, N = 224, 64, 256, 2048
+
+
+def data() -> TensorDataset:
+    from runner.data.shapes import make_shapes
+
+    images, labels = make_shapes(N, SIZE, [0.08, 0.29, 0.17, 0.47], torch.Generator().manual_seed(0))
+    return TensorDataset(images, labels)
+
+
+def model(device: torch.device) -> nn.Module:
+    from runner.models.densenet import densenet121
+
+    torch.manual_seed(0)
+    return densenet121(num_labels=4).to(device)
+
+
+def hand_loop(dataset: TensorDataset, device: torch.device, steps: int) -> tuple[float, nn.Module]:
+    net = model(device)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    loader = DataLoader(dataset, batch_size=BATCH, shuffle=True, drop_last=True, num_workers=4, pin_memory=True,
+                        persistent_workers=True)
+    it = iter(loader)
+
+    def run(n: int) -> None:
+        nonlocal it
+        for _ in range(n):
+            try:
+                x, y = next(it)
+            except StopIteration:
+                it = iter(loader)
+                x, y = next(it)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            loss = nn.functional.binary_cross_entropy_with_logits(net(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            loss.item()
+
+    return rate(run, steps, warmup=10, device=device, repeats=2) * BATCH, net
+
+
+def lightning(dataset: TensorDataset, device: torch.device, steps: int, precision: str) -> float | None:
+    try:
+        import lightning as L
+    except ImportError:
+        return None
+
+    class Module(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = model(torch.device("cpu"))
+
+        def training_step(self, batch, _):
+            x, y = batch
+            return nn.functional.binary_cross_entropy_with_logits(self.net(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+    times: list[float] = []
+
+    class Clock(L.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step in (10, steps + 10):
+                sync(device)
+                times.append(time.perf_counter())
+
+    loader = DataLoader(dataset, batch_size=BATCH, shuffle=True, drop_last=True, num_workers=4, pin_memory=True,
+                        persistent_workers=True)
+    trainer = L.Trainer(max_steps=steps + 10, accelerator="gpu", devices=1, precision=precision, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[Clock()], max_epochs=-1)
+    trainer.fit(Module(), loader)
+    return steps * BATCH / (times[1] - times[0])
+
+
+def runner_train(steps: int, *extra: str) -> float:
+    _, rows = run_runner("experiment=focal_densenet", f"dataset.image_size={SIZE}", f"dataset.n_train={N}",
+                         "dataset.n_val=256", "dataset.n_test=256", f"trainer.batch_size={BATCH}", "device=gpu",
+                         f"trainer.max_steps={steps}", f"trainer.log_every_n_steps={max(steps // 6, 1)}",
+                         "trainer.progress=none", "trainer.val_every_n_steps=0", *extra)
+    return steady_rate(rows, "samples", skip=2)
+
+
+def evaluation(dataset: TensorDataset, device: torch.device, net: nn.Module) -> dict[str, float]:
+    """(a) fp32 with .item() per batch, against runner's evaluate in bf16 + channels_last, on the
+    network the hand loop trained (an untrained DenseNet's eval-mode outputs are noise)."""
+    from omegaconf import OmegaConf
+
+    from runner.engine.devices import DeviceContext
+    from runner.engine.family import DataBundle
+    from runner.engine.loop import evaluate
+    from runner.families.multilabel import build as build_family
+
+    net.eval()
+    loader = DataLoader(dataset, batch_size=EVAL_BATCH, num_workers=4, pin_memory=True)
+    outputs = []
+
+    def hand(_: int) -> None:
+        outputs.clear()
+        with torch.no_grad():
+            for x, y in loader:
+                x, y = x.to(device), y.to(device)
+                logits = net(x)
+                nn.functional.binary_cross_entropy_with_logits(logits, y).item()
+                outputs.append(logits.float().cpu())
+
+    hand_rate = rate(hand, 1, warmup=1, device=device, repeats=3) * len(dataset)
+    reference = torch.cat(outputs)
+
+    labels = dataset.tensors[1]
+    bundle = DataBundle("multilabel", dataset, dataset, dataset,
+                        info={"num_labels": 4, "label_names": list("abcd"), "train_labels": labels,
+                              "prevalence": labels.mean(0).tolist()})
+    cfg = OmegaConf.create({"model": {"_target_": "runner.models.densenet.densenet121"},
+                            "loss": {"_target_": "runner.losses.multilabel.FocalLoss"},
+                            "trainer": {"batch_size": EVAL_BATCH, "eval_batch_size": EVAL_BATCH, "precision": "bf16",
+                                        "num_workers": 4, "seed": 0}})
+    family = build_family(cfg, bundle)
+    family.model.load_state_dict(net.state_dict())
+    family.to(device)
+    family.model.to(memory_format=torch.channels_last)
+    ctx = DeviceContext(device, device.type)
+    evaluate(family, bundle, "test", cfg, ctx)  # warm-up
+    sync(device)
+    start = time.perf_counter()
+    repeats = 3
+    for _ in range(repeats):
+        evaluate(family, bundle, "test", cfg, ctx)
+    sync(device)
+    runner_rate = repeats * len(dataset) / (time.perf_counter() - start)
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+        logits = family.raw_model(dataset.tensors[0][:EVAL_BATCH].to(device).contiguous(
+            memory_format=torch.channels_last)).float().cpu()
+    ref = reference[:EVAL_BATCH]
+    return {"a_eval_fp32": hand_rate, "c_eval_bf16_cl": runner_rate,
+            "logits_rel_err": float((logits - ref).norm() / ref.norm()),
+            "same_decisions": float(((logits > 0) == (ref > 0)).float().mean())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    torch.backends.cudnn.benchmark = True
+    ceilings = device_ceilings(device)
+    dataset = data()
+    r = {"ceilings": ceilings}
+    r["a_hand_fp32"], trained = hand_loop(dataset, device, args.steps)
+    r["b_lightning_bf16"] = lightning(dataset, device, args.steps, "bf16-mixed")
+    r["b_lightning_32"] = lightning(dataset, device, args.steps, "32-true")
+    r["c_runner_fp32"] = runner_train(args.steps)
+    r["c_runner_bf16_cl"] = runner_train(args.steps, "trainer.precision=bf16", "trainer.channels_last=true",
+                                         "trainer.data_on_device=true")
+    r["c_runner_bf16_cl_compile"] = runner_train(args.steps, "trainer.precision=bf16", "trainer.channels_last=true",
+                                                 "trainer.data_on_device=true", "trainer.compile=true")
+    r.update(evaluation(dataset, device, trained))
+    print(json.dumps(r, indent=2))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(r, f, indent=2)
+    rows = [("(a) hand loop fp32", r["a_hand_fp32"], "img/s")]
+    for key, name in (("b_lightning_bf16", "(b) Lightning bf16-mixed"), ("b_lightning_32", "(b) Lightning 32-true")):
+        if r[key]:
+            rows.append((name, r[key], "img/s"))
+    rows += [("(c) runner fp32", r["c_runner_fp32"], "img/s"), ("(c) runner bf16+CL", r["c_runner_bf16_cl"], "img/s"),
+             ("(c) runner bf16+CL+compile", r["c_runner_bf16_cl_compile"], "img/s")]
+    print(f"DenseNet121 224px batch {BATCH} training on {ceilings.get('gpu')}")
+    print(table(rows, r["a_hand_fp32"]))
+    print(table([("(a) eval fp32 .item()", r["a_eval_fp32"], "img/s"),
+                 ("(c) runner eval bf16+CL", r["c_eval_bf16_cl"], "img/s")], r["a_eval_fp32"]))
+    print(f"bf16 vs fp32 logits: relative error {r['logits_rel_err']:.2e}, same 0.5-threshold decisions "
+          f"{r['same_decisions']:.4f}")
+
+
+if __name__ == "__main__":
+    main()

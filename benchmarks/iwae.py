@@ -1,0 +1,163 @@
+"""IWAE, one stochastic layer, batch 20, k=50, Adam: three ways, same work, one GPU.
+
+(a) the practitioners' loop: fp32, eager, the encoder run k times over repeated data, a
+    DataLoader, ``loss.item()`` every step;
+(b) PyTorch Lightning's Trainer (32-true) on runner's model and bound, fed by a DataLoader;
+(c) runner through its configs: ``experiment=iwae_mnist`` at batch 20, eager, then with the
+    data on the GPU and the whole step in one CUDA graph (the iwae_paper default).
+Usage: python benchmarks/iwae.py [--steps N] [--mnist DIR] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from common import ROOT, device_ceilings, rate, run_runner, steady_rate, sync, table
+
+BATCH, K, LATENT = 20, 50, 50
+
+
+class PractitionerIWAE(nn.Module):
+    """The common hand-written IWAE: x repeated k times through the encoder."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Sequential(nn.Linear(784, 200), nn.Tanh(), nn.Linear(200, 200), nn.Tanh(), nn.Linear(200, 2 * LATENT))
+        self.dec = nn.Sequential(nn.Linear(LATENT, 200), nn.Tanh(), nn.Linear(200, 200), nn.Tanh(), nn.Linear(200, 784))
+
+    def loss(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        xk = x.repeat(k, 1)
+        mu, logvar = self.enc(xk).chunk(2, -1)
+        eps = torch.randn_like(mu)
+        z = mu + torch.exp(0.5 * logvar) * eps
+        logits = self.dec(z)
+        log_px = -nn.functional.binary_cross_entropy_with_logits(logits, xk, reduction="none").sum(-1)
+        log_pz = -0.5 * (z**2 + math.log(2 * math.pi)).sum(-1)
+        log_qz = -0.5 * (eps**2 + logvar + math.log(2 * math.pi)).sum(-1)
+        log_w = (log_px + log_pz - log_qz).view(k, -1)
+        w = torch.softmax(log_w, 0).detach()
+        return -(w * log_w).sum(0).mean()
+
+
+def mnist_pixels(root: str, quick: bool) -> torch.Tensor:
+    from runner.data.binarized import mnist
+
+    bundle = mnist(root=root, n_val=0)
+    pixels = bundle.train.pixels
+    return pixels[:2000] if quick else pixels
+
+
+def practitioners(pixels: torch.Tensor, device: torch.device, steps: int) -> float:
+    torch.manual_seed(0)
+    model = PractitionerIWAE().to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, eps=1e-4)
+    loader = DataLoader(TensorDataset(pixels), batch_size=BATCH, shuffle=True, drop_last=True)
+    it = iter(loader)
+
+    def run(n: int) -> None:
+        nonlocal it
+        for _ in range(n):
+            try:
+                (x,) = next(it)
+            except StopIteration:
+                it = iter(loader)
+                (x,) = next(it)
+            x = torch.bernoulli(x.to(device))
+            loss = model.loss(x, K)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            loss.item()
+
+    return rate(run, steps, warmup=50, device=device)
+
+
+def lightning(pixels: torch.Tensor, device: torch.device, steps: int) -> float | None:
+    try:
+        import lightning as L
+    except ImportError:
+        try:
+            import pytorch_lightning as L
+        except ImportError:
+            return None
+    from runner.losses.iwae import IWAE
+    from runner.models.vae import VAE
+
+    class Module(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model, self.bound = VAE(x_dim=784, latent_dims=[LATENT], hidden_dims=[[200, 200]]), IWAE(k=K)
+
+        def training_step(self, batch, _):
+            x = torch.bernoulli(batch[0])
+            return self.bound(self.model(x, K)).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=1e-3, eps=1e-4)
+
+    times: list[float] = []
+
+    class Clock(L.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step in (100, steps + 100):
+                sync(device)
+                times.append(time.perf_counter())
+
+    loader = DataLoader(TensorDataset(pixels), batch_size=BATCH, shuffle=True, drop_last=True)
+    trainer = L.Trainer(max_steps=steps + 100, accelerator="gpu", devices=1, precision="32-true", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[Clock()], max_epochs=-1)
+    trainer.fit(Module(), loader)
+    return steps / (times[1] - times[0])
+
+
+def runner_rate(mnist_root: str, steps: int, *extra: str) -> float:
+    _, rows = run_runner("experiment=iwae_mnist", f"dataset.root={mnist_root}", "dataset.n_val=0",
+                         "trainer.batch_size=20", "loss.k=50", "loss.eval_k=50", "trainer.progress=none",
+                         f"trainer.max_steps={steps}", f"trainer.log_every_n_steps={max(steps // 10, 1)}",
+                         "trainer.eval_batch_size=1000", *extra)
+    return steady_rate(rows, "samples", skip=2) / BATCH
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--mnist", default=str(ROOT / ".gpu_data" / "mnist"))
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    ceilings = device_ceilings(device)
+    pixels = mnist_pixels(args.mnist, args.quick)
+    results = {"ceilings": ceilings}
+    results["a_practitioners"] = practitioners(pixels, device, args.steps)
+    results["b_lightning"] = lightning(pixels, device, args.steps)
+    results["c_runner_eager"] = runner_rate(args.mnist, args.steps, "device=gpu")
+    results["c_runner_graph"] = runner_rate(args.mnist, args.steps * 10, "device=gpu", "trainer.cuda_graph=true",
+                                            "trainer.data_on_device=true")
+    paper_steps = 3280 * 60000 // BATCH
+    results["paper_schedule_hours_at_a"] = paper_steps / results["a_practitioners"] / 3600
+    results["paper_schedule_hours_at_c"] = paper_steps / results["c_runner_graph"] / 3600
+    print(json.dumps(results, indent=2))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=2)
+    rows = [("(a) practitioners' loop", results["a_practitioners"], "steps/s")]
+    if results["b_lightning"]:
+        rows.append(("(b) Lightning 32-true", results["b_lightning"], "steps/s"))
+    rows += [("(c) runner eager", results["c_runner_eager"], "steps/s"),
+             ("(c) runner cuda_graph+data_on_device", results["c_runner_graph"], "steps/s")]
+    print(f"IWAE k=50 batch 20 on {ceilings.get('gpu')} (torch {ceilings.get('torch')})")
+    print(table(rows, results["a_practitioners"]))
+    print(f"paper schedule (9.84M steps): {results['paper_schedule_hours_at_a']:.1f} h at (a), "
+          f"{results['paper_schedule_hours_at_c'] * 60:.0f} min at (c) graph")
+
+
+if __name__ == "__main__":
+    main()
