@@ -72,13 +72,16 @@ def main() -> None:
     r = {"ceilings": ceilings, "a_hand_fp32": hand_loop(text, device, args.steps)}
     r["c_runner_fp32"] = runner_rate(args.text, args.steps)
     r["c_runner_bf16"] = runner_rate(args.text, args.steps, "trainer.precision=bf16")
+    r["c_runner_graph"] = runner_rate(args.text, args.steps * 2, "trainer.cuda_graph=true")
+    r["c_runner_graph_bf16"] = runner_rate(args.text, args.steps * 2, "trainer.cuda_graph=true", "trainer.precision=bf16")
     print(json.dumps(r, indent=2))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(r, f, indent=2)
     print(f"char-LSTM 2x128 seq 50 batch 50 on {ceilings.get('gpu')}")
     print(table([("(a) hand loop fp32", r["a_hand_fp32"], "tok/s"), ("(c) runner fp32", r["c_runner_fp32"], "tok/s"),
-                 ("(c) runner bf16", r["c_runner_bf16"], "tok/s")], r["a_hand_fp32"]))
+                 ("(c) runner bf16", r["c_runner_bf16"], "tok/s"), ("(c) runner cuda_graph", r["c_runner_graph"], "tok/s"),
+                 ("(c) runner cuda_graph bf16", r["c_runner_graph_bf16"], "tok/s")], r["a_hand_fp32"]))
 
 
 if __name__ == "__main__":

@@ -141,9 +141,12 @@ def main() -> None:
     results["c_runner_eager"] = runner_rate(args.mnist, args.steps, "device=gpu")
     results["c_runner_graph"] = runner_rate(args.mnist, args.steps * 10, "device=gpu", "trainer.cuda_graph=true",
                                             "trainer.data_on_device=true")
+    results["c_runner_graph_compile"] = runner_rate(args.mnist, args.steps * 10, "device=gpu", "trainer.cuda_graph=true",
+                                                    "trainer.data_on_device=true", "trainer.compile=true")
+    best = max(results["c_runner_graph"], results["c_runner_graph_compile"])
     paper_steps = 3280 * 60000 // BATCH
     results["paper_schedule_hours_at_a"] = paper_steps / results["a_practitioners"] / 3600
-    results["paper_schedule_hours_at_c"] = paper_steps / results["c_runner_graph"] / 3600
+    results["paper_schedule_hours_at_c"] = paper_steps / best / 3600
     print(json.dumps(results, indent=2))
     if args.out:
         with open(args.out, "w") as f:
@@ -152,11 +155,12 @@ def main() -> None:
     if results["b_lightning"]:
         rows.append(("(b) Lightning 32-true", results["b_lightning"], "steps/s"))
     rows += [("(c) runner eager", results["c_runner_eager"], "steps/s"),
-             ("(c) runner cuda_graph+data_on_device", results["c_runner_graph"], "steps/s")]
+             ("(c) runner cuda_graph+data_on_device", results["c_runner_graph"], "steps/s"),
+             ("(c) runner cuda_graph+data_on_device+compile", results["c_runner_graph_compile"], "steps/s")]
     print(f"IWAE k=50 batch 20 on {ceilings.get('gpu')} (torch {ceilings.get('torch')})")
     print(table(rows, results["a_practitioners"]))
     print(f"paper schedule (9.84M steps): {results['paper_schedule_hours_at_a']:.1f} h at (a), "
-          f"{results['paper_schedule_hours_at_c'] * 60:.0f} min at (c) graph")
+          f"{results['paper_schedule_hours_at_c'] * 60:.0f} min at (c)'s best")
 
 
 if __name__ == "__main__":

@@ -144,7 +144,8 @@ class Trainer:
         self.monitor_sign = 1.0 if str(getattr(t.monitor_mode, "value", t.monitor_mode)) == "min" else -1.0
         self.final_metrics: dict[str, float] = {}
         self.eval_samples: dict[str, int] = {}
-        self.train_seconds = 0.0
+        self.train_seconds = 0.0  # training only: evaluation and checkpoint time is left out
+        self.paused_s = 0.0  # evaluation and checkpoint time so far
         self.pending_units = torch.zeros((), device=ctx.device, dtype=torch.float64)
         # Device-side loss sum and non-finite flag, updated inside the captured step too.
         self.running_loss = torch.zeros((), device=ctx.device, dtype=torch.float64)
@@ -167,10 +168,12 @@ class Trainer:
         }
 
     def save(self, name: str) -> None:
+        started = time.time()
         self.sync_counts()
         if self.ctx.is_main and self.run_dir is not None:
             ckpt.save_checkpoint(self.run_dir / "checkpoints" / f"{name}.pt", self.checkpoint_payload())
         self.ctx.barrier()
+        self.paused_s += time.time() - started
 
     def restore(self, payload: dict[str, Any], path: Path) -> None:
         ckpt.load_model_weights(self.family.raw_model, payload, path)
@@ -186,6 +189,7 @@ class Trainer:
     def validate(self, progress: ProgressDisplay) -> None:
         if self.bundle.val is None:
             return
+        started = time.time()
         metrics, count = evaluate(self.family, self.bundle, "val", self.cfg, self.ctx)
         self.eval_samples["val"] = count
         self.final_metrics.update(metrics)
@@ -194,6 +198,7 @@ class Trainer:
             self.family.after_evaluation("val", metrics, self.run_dir)
         progress.message(f"val @ step {self.state.step}: " + ", ".join(
             f"{k}={v:.4f}" for k, v in sorted(metrics.items()) if k.count("/") == 1)[:300])
+        self.paused_s += time.time() - started
         monitored = metrics.get(self.cfg.trainer.monitor)
         if monitored is not None and math.isfinite(monitored):
             if self.state.best is None or self.monitor_sign * monitored < self.monitor_sign * self.state.best:
@@ -210,8 +215,8 @@ class Trainer:
         progress = ProgressDisplay(self.total_steps, family.unit, t.progress, enabled=ctx.is_main)
         running_units = 0
         first_bad_step = torch.full((), -1, device=ctx.device, dtype=torch.long)
-        last_log_time, last_log_units = time.time(), self.state.samples_seen
-        started = time.time()
+        last_log_time, last_log_units, last_paused = time.time(), self.state.samples_seen, self.paused_s
+        started, paused_at_start = time.time(), self.paused_s
         try:
             while self.state.epoch < self.max_epochs and not self.done():
                 epoch = self.state.epoch
@@ -257,8 +262,9 @@ class Trainer:
                         loss = float(ctx.all_reduce_sum(self.running_loss).item()) / max(
                             1, int(ctx.all_reduce_sum(torch.tensor(running_units, device=ctx.device)).item()))
                         now = time.time()
-                        rate = (self.state.samples_seen - last_log_units) / max(now - last_log_time, 1e-9)
-                        last_log_time, last_log_units = now, self.state.samples_seen
+                        busy = now - last_log_time - (self.paused_s - last_paused)  # training time only
+                        rate = (self.state.samples_seen - last_log_units) / max(busy, 1e-9)
+                        last_log_time, last_log_units, last_paused = now, self.state.samples_seen, self.paused_s
                         progress.update(self.state.step, epoch, loss, rate)
                         self.results.log({"epoch": epoch, "step": self.state.step, "split": "train", "loss": loss,
                                           "lr": float(self.optimizer.param_groups[0]["lr"]), f"{family.unit}_per_s": rate})
@@ -283,7 +289,7 @@ class Trainer:
                 if stop.signum is not None:
                     raise Interrupted(stop.signum)
         finally:
-            self.train_seconds += time.time() - started
+            self.train_seconds += time.time() - started - (self.paused_s - paused_at_start)
             progress.close()
 
     def epoch_batches(self, epoch: int):

@@ -68,8 +68,13 @@ class CharLMFamily(Family):
 
     def on_train_epoch_start(self, epoch: int) -> None:
         # A state restored from a checkpoint taken inside this epoch continues; otherwise zeros.
+        # In place: under trainer.cuda_graph the captured step reads and writes these tensors.
         resumed, self._resumed = self._resumed, None
-        self.state = resumed[1] if resumed is not None and resumed[0] == epoch else None
+        if self.state is not None:
+            for buffer, value in zip(self.state, resumed[1] if resumed and resumed[0] == epoch else (0.0, 0.0)):
+                buffer.copy_(value) if isinstance(value, Tensor) else buffer.zero_()
+        elif resumed is not None and resumed[0] == epoch:
+            self.state = tuple(s.clone() for s in resumed[1])
         self.epoch = epoch
 
     def state_dict(self) -> dict:
@@ -89,8 +94,14 @@ class CharLMFamily(Family):
     def train_loss(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, int]:
         """(sum of token cross-entropies in nats, tokens). Training chunks hold no padding."""
         x, y = batch
-        logits, state = self.model(x, _carry(self.state, x.shape[0]))
-        self.state = tuple(s.detach() for s in state)
+        carried = _carry(self.state, x.shape[0])
+        # The model reads a copy: backward needs the initial state unchanged after the update below.
+        logits, state = self.model(x, None if carried is None else tuple(s.clone() for s in carried))
+        if carried is None:
+            self.state = tuple(s.detach().clone() for s in state)
+        else:  # copied into the same tensors, so that a captured step carries the state too
+            for buffer, new in zip(self.state, state):
+                buffer.copy_(new.detach())
         return self.loss(logits, y), y.numel()
 
     def evaluator(self, split: str) -> CharLMEvaluator:
