@@ -1,0 +1,100 @@
+"""Imbalanced multi-label image classification (DenseNet121 with an N-label head).
+
+* ``train_loss``: one model call, the configured loss (runner/losses/multilabel.py) per sample,
+  summed; its label weights come from the training label counts, passed to the loss builder as
+  ``pos_counts`` and ``num_samples``.
+* Evaluation keeps the rows (probabilities, targets), so AP and AUROC are exact under any number
+  of processes (runner/metrics/multilabel.py).
+* Thresholds: computing ``val`` tunes one threshold per label (max F1) and keeps it; ``test`` then
+  reports its scores at 0.5 and at those thresholds (``*_tuned``). A test evaluated before any val
+  uses 0.5 for both and says so in per_class.csv (``threshold_source``).
+* ``after_evaluation`` writes ``per_class.csv`` (test) and ``per_class_val.csv`` (val): one row
+  per label with prevalence, predicted-positive rate, TP/FP/FN/TN, precision, recall, F1, AP,
+  AUROC, at 0.5 and at the tuned thresholds.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from omegaconf import DictConfig
+from torch import Tensor, nn
+
+from runner.build import build as build_node
+from runner.engine.family import DataBundle, Evaluator, Family
+from runner.metrics.multilabel import multilabel_metrics, tune_thresholds
+
+
+class MultiLabelEvaluator(Evaluator):
+    def __init__(self, family: "MultiLabelFamily", split: str) -> None:
+        super().__init__()
+        self.family, self.split = family, split
+
+    def update(self, batch: Any) -> None:
+        images, targets = batch
+        logits = self.family.raw_model(images).float()
+        self.add_sum("loss", self.family.loss(logits, targets).sum())
+        self.add_rows("probs", torch.sigmoid(logits))
+        self.add_rows("targets", targets.float())
+        self.count += images.shape[0]
+
+    def compute(self, sums: dict[str, Tensor], rows: dict[str, Tensor]) -> dict[str, float]:
+        return self.family.metrics_of(self.split, sums, rows)
+
+
+class MultiLabelFamily(Family):
+    def __init__(
+        self, model: nn.Module, loss: nn.Module, label_names: list[str], train_prevalence: list[float]
+    ) -> None:
+        self.model, self.loss = model, loss
+        self.label_names = label_names
+        self.train_prevalence = train_prevalence
+        self.thresholds: Tensor | None = None  # tuned on val, applied on test
+        self.tables: dict[str, pd.DataFrame] = {}
+
+    def train_loss(self, batch: Any) -> tuple[Tensor, int]:
+        images, targets = batch
+        logits = self.model(images)
+        return self.loss(logits, targets).sum(), images.shape[0]
+
+    def evaluator(self, split: str) -> Evaluator:
+        return MultiLabelEvaluator(self, split)
+
+    def metrics_of(self, split: str, sums: dict[str, Tensor], rows: dict[str, Tensor]) -> dict[str, float]:
+        probs, targets = rows["probs"].cpu(), rows["targets"].cpu()
+        if split == "val":
+            self.thresholds = tune_thresholds(probs, targets)
+            metrics, table = multilabel_metrics(probs, targets, self.label_names, self.thresholds)
+            # Scores at thresholds tuned on these very rows are optimistic: keep them in the
+            # table, report only the test ones as metrics.
+            metrics = {k: v for k, v in metrics.items() if "_tuned" not in k}
+            table["threshold_source"] = "tuned on val (in-sample)"
+        else:
+            tuned = self.thresholds if self.thresholds is not None else torch.full((len(self.label_names),), 0.5)
+            metrics, table = multilabel_metrics(probs, targets, self.label_names, tuned)
+            table["threshold_source"] = "val" if self.thresholds is not None else "0.5 (no val evaluated before)"
+        table.insert(2, "train_prevalence", self.train_prevalence)
+        self.tables[split] = table
+        metrics["loss"] = float(sums["loss"]) / max(len(targets), 1)
+        return metrics
+
+    def after_evaluation(self, split: str, metrics: dict[str, float], run_dir: Path | None) -> None:
+        if run_dir is None or split not in self.tables:
+            return
+        name = "per_class.csv" if split == "test" else f"per_class_{split}.csv"
+        self.tables[split].to_csv(Path(run_dir) / name, index=False, float_format="%.6g")
+
+
+def label_counts(train_labels: Tensor) -> tuple[list[int], int]:
+    """(positives per label, number of training samples): what the loss builders weight with."""
+    return [int(c) for c in train_labels.sum(0).round().tolist()], int(train_labels.shape[0])
+
+
+def build(cfg: DictConfig, bundle: DataBundle) -> MultiLabelFamily:
+    info = bundle.info
+    pos_counts, num_samples = label_counts(info["train_labels"])
+    model = build_node(cfg.model, "model", num_labels=info["num_labels"])
+    loss = build_node(cfg.loss, "loss", pos_counts=pos_counts, num_samples=num_samples)
+    return MultiLabelFamily(model, loss, list(info["label_names"]), [float(p) for p in info["prevalence"]])
