@@ -76,3 +76,16 @@ def test_device_resident_batches_match_the_data_loader(tmp_path):
                          "trainer.data_on_device=true")
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+def test_device_resident_evaluation_matches_the_data_loader(tmp_path):
+    from conftest import run_in_process
+    import json
+
+    results = []
+    for sub, extra in (("loader", ()), ("device", ("trainer.data_on_device=true",))):
+        code, run_dir = run_in_process(tmp_path / sub, *FAST, "dataset.n_val=101", "trainer.eval_batch_size=16", *extra)
+        assert code == 0
+        results.append(json.loads((run_dir / "summary.json").read_text()))
+    assert results[0]["eval_samples"] == results[1]["eval_samples"] == {"val": 101, "test": 64}
+    assert results[0]["metrics"] == results[1]["metrics"]

@@ -17,6 +17,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from runner.errors import UserError
+
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 100_003 + epoch)
@@ -108,7 +110,8 @@ class DeviceBatches:
 
     def __init__(self, dataset: Dataset, device: torch.device):
         if not hasattr(dataset, "tensors"):
-            raise TypeError("trainer.data_on_device needs a tensor-backed dataset (one with a `tensors` attribute)")
+            raise UserError(f"trainer.data_on_device=true needs a dataset held in tensors; {type(dataset).__name__} "
+                            "builds its items on the fly: set trainer.data_on_device=false")
         self.tensors = tuple(t.to(device) for t in dataset.tensors)
         self.as_tuple = isinstance(dataset[0], (tuple, list))  # items are tuples (TensorDataset) or one tensor
         self.device, self.n = device, len(dataset)
@@ -120,3 +123,19 @@ class DeviceBatches:
             idx = order[start:start + batch_size]
             rows = tuple(t[idx] for t in self.tensors)
             yield rows if self.as_tuple else rows[0]
+
+    def eval_batches(self, *, batch_size: int, rank: int, world: int) -> Iterator[Any]:
+        """This process's exact evaluation shard, as contiguous slices (views: no copies)."""
+        shard = exact_eval_indices(self.n, rank, world)
+        for start in range(shard.start, shard.stop, batch_size):
+            rows = tuple(t[start:min(start + batch_size, shard.stop)] for t in self.tensors)
+            yield rows if self.as_tuple else rows[0]
+
+
+def resident(dataset: Dataset, device: torch.device) -> DeviceBatches:
+    """The device copy of a tensor-backed split, made once and kept on the dataset object (so it
+    lives exactly as long as the dataset)."""
+    copies = dataset.__dict__.setdefault("_device_copies", {})
+    if str(device) not in copies:
+        copies[str(device)] = DeviceBatches(dataset, device)
+    return copies[str(device)]

@@ -92,9 +92,13 @@ def evaluate(family: Family, bundle: DataBundle, split: str, cfg: DictConfig, ct
     """Metrics of one split, every sample seen once across processes; (metrics, samples)."""
     dataset = getattr(bundle, split)
     batch_size = cfg.trainer.eval_batch_size or cfg.trainer.batch_size
-    loader = loaders.eval_loader(dataset, batch_size=batch_size, rank=ctx.rank, world=ctx.world_size,
-                                 prebatched=bundle.prebatched, num_workers=cfg.trainer.num_workers,
-                                 pin=ctx.device.type == "cuda")
+    if cfg.trainer.data_on_device and hasattr(dataset, "tensors") and not bundle.prebatched:
+        loader = loaders.resident(dataset, ctx.device).eval_batches(batch_size=batch_size, rank=ctx.rank,
+                                                                    world=ctx.world_size)
+    else:
+        loader = loaders.eval_loader(dataset, batch_size=batch_size, rank=ctx.rank, world=ctx.world_size,
+                                     prebatched=bundle.prebatched, num_workers=cfg.trainer.num_workers,
+                                     pin=ctx.device.type == "cuda")
     evaluator = family.evaluator(split)
     was_training = family.model.training
     family.model.eval()
@@ -129,7 +133,7 @@ class Trainer:
             if reason:
                 raise UserError(reason)
         self.optimizer = build_optimizer(self.params, cfg.optim, ctx.device, capturable=t.cuda_graph)
-        self.device_batches = loaders.DeviceBatches(bundle.train, ctx.device) if t.data_on_device else None
+        self.device_batches = loaders.resident(bundle.train, ctx.device) if t.data_on_device else None
         self.batches_per_epoch = loaders.train_batches_per_epoch(bundle.train, t.batch_size, ctx.world_size, bundle.prebatched)
         if t.limit_train_batches > 0:
             self.batches_per_epoch = min(self.batches_per_epoch, t.limit_train_batches)
