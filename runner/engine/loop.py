@@ -344,9 +344,8 @@ class Trainer:
             scale: torch.Tensor | float = (ctx.world_size / units).float()
         else:
             scale = 1.0 / float(window_units)
-        for p in self.params:
-            if p.grad is not None:
-                p.grad.mul_(scale)
+        grads = [p.grad for p in self.params if p.grad is not None]
+        torch._foreach_mul_(grads, scale)  # one fused launch, not one per parameter
         if t.gradient_clip_val > 0:
             torch.nn.utils.clip_grad_norm_(self.params, t.gradient_clip_val)
         bad = ~torch.isfinite(window_loss)

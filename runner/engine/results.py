@@ -1,15 +1,20 @@
-"""The run folder's result files: metrics.jsonl (one row per logged evaluation) and summary.json."""
+"""The run folder's result files: metrics.jsonl (one row per logged evaluation), summary.json,
+the TensorBoard event file (``logger=tensorboard``) and ``plots/curves.png``."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from pathlib import Path
 from typing import Any
 
+from runner import plots
 from runner.engine.files import append_line, atomic_write_json
 
 STATUSES = ("running", "completed", "failed", "interrupted")
+ROW_KEYS = ("epoch", "step", "split")  # where a row sits, not what it measured
+log = logging.getLogger(__name__)
 
 
 def _plain(value: Any) -> Any:
@@ -22,8 +27,10 @@ def _plain(value: Any) -> Any:
 class RunResults:
     """Writes a run's result files. Only the main process writes; others hold a disabled copy."""
 
-    def __init__(self, run_dir: Path | None):
+    def __init__(self, run_dir: Path | None, logger: str = "csv"):
         self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.logger = logger
+        self.writer: Any = None  # TensorBoard's SummaryWriter, opened at the first row
         self.started = time.time()
         self.summary: dict[str, Any] = {
             "status": "running",
@@ -44,6 +51,34 @@ class RunResults:
     def log(self, row: dict[str, Any]) -> None:
         if self.enabled:
             append_line(self.run_dir / "metrics.jsonl", json.dumps({k: _plain(v) for k, v in row.items()}))
+            if self.logger == "tensorboard":
+                self.log_tensorboard(row)
+
+    def log_tensorboard(self, row: dict[str, Any]) -> None:
+        """Every number of the row as a scalar at the row's step; training metrics get the
+        ``train/`` prefix that evaluation metrics already carry (``val/loss``)."""
+        writer = self.tensorboard_writer()
+        if writer is None:
+            return
+        step = row.get("step") or 0  # evaluation-only rows have no step
+        prefix = "train/" if row.get("split") == "train" else ""
+        for key, value in row.items():
+            if key not in ROW_KEYS and isinstance(value, (int, float)) and not isinstance(value, bool):
+                writer.add_scalar(f"{prefix}{key}", value, global_step=step)
+
+    def tensorboard_writer(self) -> Any:
+        """The SummaryWriter of ``<run_dir>/tensorboard/``; without tensorboard, say so once and
+        fall back to metrics.jsonl alone."""
+        if self.writer is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                log.warning("logger=tensorboard but tensorboard is not installed: logging to metrics.jsonl "
+                            "only (pip install tensorboard)")
+                self.logger = "csv"
+                return None
+            self.writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+        return self.writer
 
     def write_summary(self, **fields: Any) -> None:
         self.summary.update(fields)
@@ -51,6 +86,16 @@ class RunResults:
         self.summary["metrics"] = {k: _plain(v) for k, v in self.summary["metrics"].items()}
         if self.enabled:
             atomic_write_json(self.run_dir / "summary.json", self.summary)
+
+    def finish(self, cfg: Any) -> None:
+        """End of the run (any status): close loggers and draw the run's plots."""
+        if self.writer is not None:
+            self.writer.close()  # flushes the event file
+            self.writer = None
+        if self.enabled:
+            title = cfg.get("name") if hasattr(cfg, "get") else None
+            plots.draw_safely("plots/curves.png", plots.plot_curves, self.run_dir / "metrics.jsonl",
+                              self.run_dir / "plots" / "curves.png", title=title)
 
 
 def read_summary(run_dir: Path) -> dict[str, Any] | None:

@@ -80,7 +80,7 @@ def build_family(cfg: DictConfig, bundle: DataBundle) -> Family:
 def run(cfg: DictConfig, run_dir: Path | None, console: Console | None = None) -> int:
     """Run one job; returns the exit code. ``run_dir`` is None on processes other than rank 0."""
     console = console or Console()
-    results = RunResults(run_dir)
+    results = RunResults(run_dir, logger=str(cfg.get("logger", "csv")))
     ctx = None
     code = EXIT_OK
     trainer = None
@@ -182,6 +182,7 @@ def run(cfg: DictConfig, run_dir: Path | None, console: Console | None = None) -
                                    skipped_steps=s.skipped_steps, unit=trainer.family.unit,
                                    throughput=round(s.samples_seen / trainer.train_seconds, 3) if trainer.train_seconds else None)
         results.write_summary(status=status)
+        results.finish(cfg)
         if ctx is not None and ctx.distributed:
             devices.shutdown()
     if status == "completed" and results.enabled:
