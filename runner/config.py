@@ -15,6 +15,8 @@ from typing import Any, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
+from runner.errors import UserError
+
 
 class Strategy(Enum):
     auto = "auto"
@@ -138,15 +140,21 @@ def claim_unique_dir(base: str) -> str:
     """
     if base in _claimed:
         return _claimed[base]
-    Path(base).parent.mkdir(parents=True, exist_ok=True)
     candidate, n = base, 0
-    while True:
-        try:
-            os.mkdir(candidate)
-            break
-        except FileExistsError:
-            n += 1
-            candidate = f"{base}_{n}"
+    try:
+        Path(base).parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            try:
+                os.mkdir(candidate)
+                break
+            except FileExistsError:
+                n += 1
+                candidate = f"{base}_{n}"
+        probe = Path(candidate) / ".writable"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot create the run folder {candidate} (check output_root): {e.strerror or e}") from None
     _claimed[base] = candidate
     return candidate
 

@@ -1,0 +1,69 @@
+"""Reliability: unwritable output folders, non-finite losses, torn writes, out-of-memory advice."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import run_cli, run_in_process
+from runner.engine.files import atomic_write_json, atomic_write_text
+
+
+def test_unwritable_output_folder_is_a_user_error(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    result = run_cli("experiment=regression", f"output_root={blocker}/sub")
+    assert result.returncode == 2
+    assert "cannot create the run folder" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_non_finite_loss_fails_the_run_and_names_the_step(tmp_path):
+    code, run_dir = run_in_process(tmp_path, "experiment=regression", "trainer.progress=none", "optim=sgd",
+                                   "optim.lr=1e12", "trainer.log_every_n_steps=1")
+    assert code == 1
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed"
+    assert "non-finite training loss" in summary["error"] and "optimizer step" in summary["error"]
+
+
+def test_skip_nonfinite_skips_and_counts(tmp_path):
+    code, run_dir = run_in_process(tmp_path, "experiment=regression", "trainer.progress=none", "optim=sgd",
+                                   "optim.lr=1e12", "trainer.skip_nonfinite=true")
+    assert code == 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["skipped_steps"] > 0
+
+
+def test_a_write_killed_midway_leaves_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "summary.json"
+    atomic_write_json(path, {"status": "running"})
+
+    def torn(f):
+        f.write(b'{"status": "compl')  # half of the new file, then the process "dies"
+        raise KeyboardInterrupt
+
+    from runner.engine import files
+    with pytest.raises(KeyboardInterrupt):
+        files.atomic_write(path, torn)
+    assert json.loads(path.read_text()) == {"status": "running"}
+    assert os.listdir(tmp_path) == ["summary.json"]  # no temporary file left behind
+    atomic_write_text(path, '{"status": "completed"}')
+    assert json.loads(path.read_text()) == {"status": "completed"}
+
+
+def test_out_of_memory_message_suggests_accumulation():
+    from runner.engine.run import _runtime_message
+
+    message = _runtime_message(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert "trainer.accumulate_grad_batches" in message and "trainer.batch_size" in message
+
+
+def test_cuda_graph_without_a_gpu_is_a_user_error(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    code, run_dir = run_in_process(tmp_path, "experiment=regression", "trainer.progress=none", "device=cpu",
+                                   "trainer.cuda_graph=true")
+    assert code == 2
+    assert "needs a CUDA device" in json.loads((run_dir / "summary.json").read_text())["error"]
