@@ -97,3 +97,31 @@ def table(rows: list[tuple[str, float, str]], reference: float) -> str:
     for name, value, unit in rows:
         lines.append(f"{name:<{width}}  {value:>12,.1f} {unit}  {value / reference:5.2f}x")
     return "\n".join(lines)
+
+
+def import_lightning():
+    """PyTorch Lightning (either package name), or None where it is not installed."""
+    for name in ("lightning", "pytorch_lightning"):
+        try:
+            return __import__(name)
+        except ImportError:
+            pass
+    return None
+
+
+def lightning_rate(L, module, loader, device: torch.device, steps: int, warmup: int, precision: str) -> float:
+    """Optimizer steps per second of Lightning's Trainer.fit, timed between two global steps
+    (after ``warmup``) by a callback that synchronises before reading the clock."""
+    times: list[float] = []
+
+    class Clock(L.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step in (warmup, steps + warmup):
+                sync(device)
+                times.append(time.perf_counter())
+
+    trainer = L.Trainer(max_steps=steps + warmup, accelerator="gpu", devices=1, precision=precision, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[Clock()], max_epochs=-1)
+    trainer.fit(module, loader)
+    return steps / (times[1] - times[0])

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from common import device_ceilings, rate, run_runner, steady_rate, sync, table
+from common import device_ceilings, import_lightning, lightning_rate, rate, run_runner, steady_rate, sync, table
 
 SIZE, BATCH, EVAL_BATCH, N = 224, 64, 256, 2048
 
@@ -62,9 +62,8 @@ def hand_loop(dataset: TensorDataset, device: torch.device, steps: int) -> tuple
 
 
 def lightning(dataset: TensorDataset, device: torch.device, steps: int, precision: str) -> float | None:
-    try:
-        import lightning as L
-    except ImportError:
+    L = import_lightning()
+    if L is None:
         return None
 
     class Module(L.LightningModule):
@@ -79,21 +78,9 @@ def lightning(dataset: TensorDataset, device: torch.device, steps: int, precisio
         def configure_optimizers(self):
             return torch.optim.Adam(self.parameters(), lr=1e-3)
 
-    times: list[float] = []
-
-    class Clock(L.Callback):
-        def on_train_batch_end(self, trainer, *args):
-            if trainer.global_step in (10, steps + 10):
-                sync(device)
-                times.append(time.perf_counter())
-
     loader = DataLoader(dataset, batch_size=BATCH, shuffle=True, drop_last=True, num_workers=4, pin_memory=True,
                         persistent_workers=True)
-    trainer = L.Trainer(max_steps=steps + 10, accelerator="gpu", devices=1, precision=precision, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[Clock()], max_epochs=-1)
-    trainer.fit(Module(), loader)
-    return steps * BATCH / (times[1] - times[0])
+    return lightning_rate(L, Module(), loader, device, steps, warmup=10, precision=precision) * BATCH
 
 
 def runner_train(steps: int, *extra: str) -> float:

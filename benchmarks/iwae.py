@@ -12,13 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import time
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from common import ROOT, device_ceilings, rate, run_runner, steady_rate, sync, table
+from common import ROOT, device_ceilings, import_lightning, lightning_rate, rate, run_runner, steady_rate, table
 
 BATCH, K, LATENT = 20, 50, 50
 
@@ -79,13 +78,9 @@ def practitioners(pixels: torch.Tensor, device: torch.device, steps: int) -> flo
 
 
 def lightning(pixels: torch.Tensor, device: torch.device, steps: int) -> float | None:
-    try:
-        import lightning as L
-    except ImportError:
-        try:
-            import pytorch_lightning as L
-        except ImportError:
-            return None
+    L = import_lightning()
+    if L is None:
+        return None
     from runner.losses.iwae import IWAE
     from runner.models.vae import VAE
 
@@ -101,20 +96,8 @@ def lightning(pixels: torch.Tensor, device: torch.device, steps: int) -> float |
         def configure_optimizers(self):
             return torch.optim.Adam(self.parameters(), lr=1e-3, eps=1e-4)
 
-    times: list[float] = []
-
-    class Clock(L.Callback):
-        def on_train_batch_end(self, trainer, *args):
-            if trainer.global_step in (100, steps + 100):
-                sync(device)
-                times.append(time.perf_counter())
-
     loader = DataLoader(TensorDataset(pixels), batch_size=BATCH, shuffle=True, drop_last=True)
-    trainer = L.Trainer(max_steps=steps + 100, accelerator="gpu", devices=1, precision="32-true", logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[Clock()], max_epochs=-1)
-    trainer.fit(Module(), loader)
-    return steps / (times[1] - times[0])
+    return lightning_rate(L, Module(), loader, device, steps, warmup=100, precision="32-true")
 
 
 def runner_rate(mnist_root: str, steps: int, *extra: str) -> float:

@@ -1,7 +1,8 @@
 """``python -m runner.report <sweep or run folder>``: final metrics as a table.
 
 For a sweep: one row per combination of the swept overrides (``trainer.seed`` excluded), each
-metric as mean ± std over the seeds; written to report.csv and report.md beside summary.csv.
+metric as mean ± std over the seeds; written to report.csv and report.md beside summary.csv, and
+as one bar chart per metric to plots/report_<metric>.png.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
+from runner import plots
 from runner.engine.files import atomic_write_text
 from runner.sweep import write_summary_csv
 
@@ -83,11 +85,13 @@ def report_sweep(folder: Path, metrics: list[str] | None, sort: str | None, grou
     shown = formatted(summary, keys or ["all"], metrics)
     atomic_write_text(folder / "report.csv", summary.to_csv(index=False))
     atomic_write_text(folder / "report.md", shown.to_markdown(index=False) + "\n")
+    charts = plots.draw_safely("report plots", plots.plot_report_bars, summary, keys, metrics, folder / "plots") or []
     failed = table[table["status"] != "completed"]
     console.print(render(shown, f"{folder.name}: mean ± std over {SEED_KEY}"))
     if len(failed):
         console.print(f"[yellow]{len(failed)} job(s) did not complete: {', '.join(failed['job'].astype(str))}")
-    console.print(f"written: {folder / 'report.csv'}, {folder / 'report.md'}", soft_wrap=True)
+    written = [folder / "report.csv", folder / "report.md"] + ([folder / "plots" / "report_*.png"] if charts else [])
+    console.print(f"written: {', '.join(map(str, written))}", soft_wrap=True)
     return summary
 
 

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from conftest import compose, run_in_process
+from conftest import run_in_process
 from runner.config import ScheduleConfig, ScheduleName
 from runner.optim import iwae_paper_epochs, iwae_paper_stage, lr_multiplier
 

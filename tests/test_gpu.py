@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import SHARED_DATA, run_in_process
+from conftest import run_in_process
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -32,7 +32,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from runner.data.idx import find_idx, read_idx
-from runner.data.sampling import check_sampler, train_weights
+from runner.data.sampling import check_sampler, multilabel_bundle
 from runner.engine.family import DataBundle
 from runner.errors import UserError
 
@@ -136,16 +136,4 @@ def build(
         generator = torch.Generator().manual_seed(1000 * seed + _SPLIT_IDS[split])
         splits[split] = MosaicDataset(*make_mosaics(images, classes, n, image_size, generator))
     train_labels = splits["train"].labels
-    return DataBundle(
-        family="multilabel",
-        train=splits["train"],
-        val=splits["val"],
-        test=splits["test"],
-        info={
-            "num_labels": len(LABEL_NAMES),
-            "label_names": list(LABEL_NAMES),
-            "train_labels": train_labels,
-            "prevalence": train_labels.mean(0).tolist(),
-        },
-        train_weights=train_weights(sampler, train_labels),
-    )
+    return multilabel_bundle(splits["train"], splits["val"], splits["test"], list(LABEL_NAMES), train_labels, sampler)

@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms.v2.functional import resize
 
-from runner.data.sampling import check_sampler, train_weights
+from runner.data.sampling import check_sampler, multilabel_bundle
 from runner.engine.family import DataBundle
 from runner.errors import UserError
 
@@ -149,16 +149,5 @@ def build(
         for split, (frame, name) in frames.items()
     }
     train_labels = datasets["train"].labels
-    return DataBundle(
-        family="multilabel",
-        train=datasets["train"],
-        val=datasets.get("val"),
-        test=datasets.get("test"),
-        info={
-            "num_labels": len(label_columns),
-            "label_names": list(label_columns),
-            "train_labels": train_labels,
-            "prevalence": train_labels.mean(0).tolist(),
-        },
-        train_weights=train_weights(sampler, train_labels),
-    )
+    return multilabel_bundle(datasets["train"], datasets.get("val"), datasets.get("test"), list(label_columns),
+                             train_labels, sampler)

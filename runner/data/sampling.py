@@ -1,4 +1,5 @@
-"""Multi-label oversampling: per-image weights for the engine's WeightedRandomSampler.
+"""Multi-label oversampling: per-image weights for the engine's WeightedRandomSampler; and the
+DataBundle every multi-label dataset returns (its info and weights come from the training labels).
 
 ``balanced``: each image is weighted by the inverse frequency of the *rarest* positive label it
 carries, so an image with a rare label is drawn as often as that label needs, and images with
@@ -11,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from runner.engine.family import DataBundle
 from runner.errors import UserError
 
 SAMPLERS = ("none", "balanced")
@@ -39,3 +41,14 @@ def rarest_label_weights(labels: Tensor) -> Tensor:
 def train_weights(sampler: str, labels: Tensor) -> Tensor | None:
     """The ``DataBundle.train_weights`` for ``dataset.sampler`` (None: plain shuffling)."""
     return rarest_label_weights(labels) if check_sampler(sampler) == "balanced" else None
+
+
+def multilabel_bundle(train, val, test, label_names: list[str], train_labels: Tensor, sampler: str) -> DataBundle:
+    """The multi-label family's bundle: label names, the training labels (the losses compute their
+    weights from them) and, for ``sampler=balanced``, the per-image sampling weights."""
+    return DataBundle(
+        family="multilabel", train=train, val=val, test=test,
+        info={"num_labels": len(label_names), "label_names": list(label_names), "train_labels": train_labels,
+              "prevalence": train_labels.mean(0).tolist()},
+        train_weights=train_weights(sampler, train_labels),
+    )

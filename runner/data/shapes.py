@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import TensorDataset
 
-from runner.data.sampling import check_sampler, train_weights
+from runner.data.sampling import check_sampler, multilabel_bundle
 from runner.engine.family import DataBundle
 from runner.errors import UserError
 
@@ -91,16 +91,5 @@ def build(
         generator = torch.Generator().manual_seed(1000 * seed + _SPLIT_IDS[split])
         splits[split] = make_shapes(n, image_size, prevalences, generator)
     train_labels = splits["train"][1]
-    return DataBundle(
-        family="multilabel",
-        train=TensorDataset(*splits["train"]),
-        val=TensorDataset(*splits["val"]),
-        test=TensorDataset(*splits["test"]),
-        info={
-            "num_labels": 4,
-            "label_names": list(LABEL_NAMES),
-            "train_labels": train_labels,
-            "prevalence": train_labels.mean(0).tolist(),
-        },
-        train_weights=train_weights(sampler, train_labels),
-    )
+    return multilabel_bundle(TensorDataset(*splits["train"]), TensorDataset(*splits["val"]),
+                             TensorDataset(*splits["test"]), list(LABEL_NAMES), train_labels, sampler)

@@ -57,16 +57,16 @@ class RunResults:
     def log_tensorboard(self, row: dict[str, Any]) -> None:
         """Every number of the row as a scalar at the row's step; training metrics get the
         ``train/`` prefix that evaluation metrics already carry (``val/loss``)."""
-        writer = self.tensorboard_writer()
+        step = row.get("step") or 0  # evaluation-only rows have no step
+        writer = self.tensorboard_writer(step)
         if writer is None:
             return
-        step = row.get("step") or 0  # evaluation-only rows have no step
         prefix = "train/" if row.get("split") == "train" else ""
         for key, value in row.items():
             if key not in ROW_KEYS and isinstance(value, (int, float)) and not isinstance(value, bool):
                 writer.add_scalar(f"{prefix}{key}", value, global_step=step)
 
-    def tensorboard_writer(self) -> Any:
+    def tensorboard_writer(self, first_step: int) -> Any:
         """The SummaryWriter of ``<run_dir>/tensorboard/``; without tensorboard, say so once and
         fall back to metrics.jsonl alone."""
         if self.writer is None:
@@ -77,7 +77,11 @@ class RunResults:
                             "only (pip install tensorboard)")
                 self.logger = "csv"
                 return None
-            self.writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+            log_dir = self.run_dir / "tensorboard"
+            # A resumed run logs again the steps after its last checkpoint: hide the interrupted
+            # run's events from this step on, so TensorBoard shows each step once.
+            purge_step = first_step if log_dir.is_dir() else None
+            self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
         return self.writer
 
     def write_summary(self, **fields: Any) -> None:

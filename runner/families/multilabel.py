@@ -10,7 +10,8 @@
   uses 0.5 for both and says so in per_class.csv (``threshold_source``).
 * ``after_evaluation`` writes ``per_class.csv`` (test) and ``per_class_val.csv`` (val): one row
   per label with prevalence, predicted-positive rate, TP/FP/FN/TN, precision, recall, F1, AP,
-  AUROC, at 0.5 and at the tuned thresholds.
+  AUROC, at 0.5 and at the tuned thresholds; after the test, ``plots/pr_curves.png``: each label's
+  precision-recall curve with its points at 0.5 and at the val-tuned threshold.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
+from runner import plots
 from runner.build import build as build_node
 from runner.engine.family import DataBundle, Evaluator, Family
 from runner.metrics.multilabel import multilabel_metrics, tune_thresholds
@@ -53,6 +55,7 @@ class MultiLabelFamily(Family):
         self.train_prevalence = train_prevalence
         self.thresholds: Tensor | None = None  # tuned on val, applied on test
         self.tables: dict[str, pd.DataFrame] = {}
+        self.test_rows: tuple[Tensor, Tensor] | None = None  # (probs, targets) of the last test, for its plot
 
     def train_loss(self, batch: Any) -> tuple[Tensor, int]:
         images, targets = batch
@@ -75,6 +78,7 @@ class MultiLabelFamily(Family):
             tuned = self.thresholds if self.thresholds is not None else torch.full((len(self.label_names),), 0.5)
             metrics, table = multilabel_metrics(probs, targets, self.label_names, tuned)
             table["threshold_source"] = "val" if self.thresholds is not None else "0.5 (no val evaluated before)"
+            self.test_rows = (probs, targets)
         table.insert(2, "train_prevalence", self.train_prevalence)
         self.tables[split] = table
         metrics["loss"] = float(sums["loss"]) / max(len(targets), 1)
@@ -85,6 +89,9 @@ class MultiLabelFamily(Family):
             return
         name = "per_class.csv" if split == "test" else f"per_class_{split}.csv"
         self.tables[split].to_csv(Path(run_dir) / name, index=False, float_format="%.6g")
+        if split == "test" and self.test_rows is not None:
+            plots.draw_safely("plots/pr_curves.png", plots.plot_pr_curves, *self.test_rows, self.label_names,
+                              self.thresholds, Path(run_dir) / "plots" / "pr_curves.png")
 
 
 def label_counts(train_labels: Tensor) -> tuple[list[int], int]:

@@ -1,0 +1,160 @@
+"""Plots and loggers: plots/curves.png, the TensorBoard event file, the multi-label PR curves,
+the sweep report's bar charts, and runs that go on without matplotlib or tensorboard."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+import pytest
+import torch
+
+from conftest import run_in_process
+from runner import plots
+from runner.report import main as report_main
+from test_report import make_sweep
+
+REGRESSION = ("experiment=regression", "trainer.progress=none", "device=cpu")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def assert_png(path):
+    """A real, non-empty PNG: the signature, and an image that PIL decodes with a nonzero size."""
+    Image = pytest.importorskip("PIL.Image")
+    assert path.is_file(), path
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
+    with Image.open(path) as image:
+        image.load()
+        assert image.width > 0 and image.height > 0
+
+
+def metric_rows(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def tensorboard_scalars(log_dir):
+    """{tag: {step: value}} read back from the event file(s) with TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})  # 0: keep every point
+    events.Reload()
+    return {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"]}
+
+
+def warnings_about(caplog, text):
+    return [r for r in caplog.records if text in r.getMessage()]
+
+
+@pytest.fixture
+def one_thread():
+    """DenseNet on a shared 2-core CPU: one intra-op thread is faster than two fighting ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def no_matplotlib(monkeypatch):
+    """matplotlib unimportable (also its already-imported submodules), and the warn-once flag reset."""
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setattr(plots, "_warned_no_matplotlib", False)
+
+
+def test_tensorboard_holds_the_logged_scalars_and_curves_are_drawn(tmp_path):
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("tensorboard")
+    code, run_dir = run_in_process(tmp_path, *REGRESSION, "logger=tensorboard")
+    assert code == 0
+    assert_png(run_dir / "plots" / "curves.png")
+    scalars = tensorboard_scalars(run_dir / "tensorboard")
+    rows = metric_rows(run_dir)
+    expected = {("train/loss", r["step"]): r["loss"] for r in rows if r["split"] == "train"}
+    expected.update({("val/loss", r["step"]): r["val/loss"] for r in rows if r["split"] == "val"})
+    expected.update({("test/loss", r["step"]): r["test/loss"] for r in rows if r["split"] == "test"})
+    assert sum(tag == "train/loss" for tag, _ in expected) >= 2 and any(tag == "val/loss" for tag, _ in expected)
+    for (tag, step), value in expected.items():
+        assert scalars[tag][step] == pytest.approx(value, rel=1e-6)  # stored as float32
+    assert set(scalars["train/loss"]) == {step for tag, step in expected if tag == "train/loss"}
+    assert "train/lr" in scalars and "train/samples_per_s" in scalars
+
+
+def test_multilabel_run_draws_pr_curves(tmp_path, one_thread):
+    pytest.importorskip("matplotlib")
+    code, run_dir = run_in_process(
+        tmp_path, "experiment=focal_densenet", "dataset.n_train=64", "dataset.n_val=32", "dataset.n_test=32",
+        "trainer.batch_size=16", "trainer.max_epochs=1", "trainer.progress=none", "device=cpu")
+    assert code == 0
+    assert_png(run_dir / "plots" / "pr_curves.png")
+    assert_png(run_dir / "plots" / "curves.png")
+
+
+def test_pr_curves_mark_both_thresholds(tmp_path):
+    """Unit check of the panel contents: one curve and two operating points per label."""
+    pytest.importorskip("matplotlib")
+    probs, targets = torch.rand(40, 3), (torch.rand(40, 3) < 0.3).float()
+    targets[:, 2] = 0  # a label without positives must not break the plot
+    out = plots.plot_pr_curves(probs, targets, ["a", "b", "c"], torch.tensor([0.3, 0.6, 0.5]), tmp_path / "pr.png")
+    assert_png(out)
+
+
+def test_report_writes_one_bar_chart_per_metric(tmp_path):
+    pytest.importorskip("matplotlib")
+    make_sweep(tmp_path)
+    assert report_main([str(tmp_path)]) == 0
+    for metric in ("test/mAP", "val/loss"):
+        assert_png(tmp_path / "plots" / plots.metric_filename(metric))
+    assert plots.metric_filename("test/mAP") == "report_test_mAP.png"
+
+
+def test_run_without_matplotlib_completes_and_warns_once(tmp_path, caplog, no_matplotlib):
+    with caplog.at_level(logging.WARNING, logger="runner"):
+        code, run_dir = run_in_process(tmp_path, *REGRESSION)
+        assert plots.plot_curves(run_dir / "metrics.jsonl", tmp_path / "again.png") is None
+    assert code == 0
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
+    assert not (run_dir / "plots" / "curves.png").exists()
+    assert len(warnings_about(caplog, "matplotlib is not installed: no plots")) == 1
+
+
+def test_a_failing_plot_does_not_fail_the_run(tmp_path, caplog, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no ink")
+
+    monkeypatch.setattr(plots, "plot_curves", broken)
+    with caplog.at_level(logging.WARNING, logger="runner"):
+        code, run_dir = run_in_process(tmp_path, *REGRESSION)
+    assert code == 0
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
+    assert len(warnings_about(caplog, "could not draw plots/curves.png: RuntimeError: no ink")) == 1
+
+
+def test_tensorboard_absent_falls_back_to_metrics_jsonl(tmp_path, caplog, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    with caplog.at_level(logging.WARNING, logger="runner"):
+        code, run_dir = run_in_process(tmp_path, *REGRESSION, "logger=tensorboard")
+    assert code == 0
+    assert len(warnings_about(caplog, "tensorboard is not installed")) == 1
+    assert not (run_dir / "tensorboard").exists()
+    assert any(r["split"] == "val" for r in metric_rows(run_dir))
+
+
+def test_a_resumed_run_shows_each_step_once(tmp_path):
+    """Resume logs again the steps after the last checkpoint: the curves and TensorBoard keep the
+    later value of each step."""
+    pytest.importorskip("tensorboard")
+    from runner.engine.results import RunResults
+
+    first = RunResults(tmp_path, logger="tensorboard")
+    for step in (4, 8, 12):
+        first.log({"epoch": 0, "step": step, "split": "train", "loss": float(step)})
+    first.finish({"name": "interrupted"})
+    resumed = RunResults(tmp_path, logger="tensorboard")  # restarted from the checkpoint of step 6
+    for step in (8, 12, 16):
+        resumed.log({"epoch": 0, "step": step, "split": "train", "loss": 100.0 + step})
+    resumed.finish({"name": "resumed"})
+    want = {4: 4.0, 8: 108.0, 12: 112.0, 16: 116.0}
+    assert plots.series(metric_rows(tmp_path), "train", "loss") == (list(want), list(want.values()))
+    assert tensorboard_scalars(tmp_path / "tensorboard")["train/loss"] == want
