@@ -183,8 +183,7 @@ def run(cfg: DictConfig, run_dir: Path | None, console: Console | None = None) -
                                    throughput=round(s.samples_seen / trainer.train_seconds, 3) if trainer.train_seconds else None)
         results.write_summary(status=status)
         results.finish(cfg)
-        if ctx is not None and ctx.distributed:
-            devices.shutdown()
+        devices.shutdown()  # also for a one-process ddp group
     if status == "completed" and results.enabled:
         console.print(f"[bold]{cfg.name}: final metrics", soft_wrap=True)
         console.print(metrics_table(results.summary["metrics"]))
