@@ -67,3 +67,20 @@ def test_cuda_graph_without_a_gpu_is_a_user_error(tmp_path):
                                    "trainer.cuda_graph=true")
     assert code == 2
     assert "needs a CUDA device" in json.loads((run_dir / "summary.json").read_text())["error"]
+
+
+def test_first_sigint_asks_to_stop_and_a_second_exits_at_once():
+    import signal
+
+    from runner.engine.loop import SignalFlag
+
+    with SignalFlag() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.signum == signal.SIGINT  # the loop finishes its step and checkpoints
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    with SignalFlag() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)  # SIGTERM twice still means "stop after the step"
+        assert stop.signum == signal.SIGTERM
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
