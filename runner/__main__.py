@@ -32,7 +32,11 @@ def load_resumed_config(cfg: DictConfig) -> DictConfig:
     return resumed
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="config")
+# An absolute path: relative ones are resolved differently under `python -m` and the console script.
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+@hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")
 def _task(cfg: DictConfig) -> float:
     from runner.engine.run import run  # heavy imports after the config is known to be valid
 
