@@ -41,8 +41,9 @@ class MSEEvaluator(Evaluator):
 
     def update(self, batch: Any) -> None:
         x, y = batch
-        self.add_sum("squared_error", ((self.model(x).float() - y) ** 2).sum())
-        self.add_rows("prediction", self.model(x).float())
+        prediction = self.model(x).float()
+        self.add_sum("squared_error", ((prediction - y) ** 2).sum())
+        self.add_rows("prediction", prediction)
         self.count += x.shape[0]
 
     def compute(self, sums: dict[str, Tensor], rows: dict[str, Tensor]) -> dict[str, float]:
