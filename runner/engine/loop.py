@@ -350,13 +350,10 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.params, t.gradient_clip_val)
         bad = ~torch.isfinite(window_loss)
         first_bad_step.copy_(torch.where(bad & (first_bad_step < 0), self.state.step, first_bad_step))
-        stepped = True
-        if t.skip_nonfinite and bool(bad):  # opt-in: one host sync per step to skip the step
-            stepped = False
-            self.scaler.update() if self.scaler.is_enabled() else None
-        else:
+        stepped = not (t.skip_nonfinite and bool(bad))  # opt-in: one host sync per step to skip
+        if stepped:
             self.scaler.step(self.optimizer)
-            self.scaler.update()
+        self.scaler.update()  # a no-op unless precision=16
         # Under a captured step the gradients' memory belongs to the graph: zero it in place.
         self.optimizer.zero_grad(set_to_none=self.graphed is None)
         return stepped

@@ -135,12 +135,9 @@ def run(cfg: DictConfig, run_dir: Path | None, console: Console | None = None) -
                 # Test the best weights by the monitored metric where validation chose some.
                 best = run_dir / "checkpoints" / "best.pt" if run_dir is not None else None
                 source = "last"
-                if ctx.distributed:
-                    has_best = ctx.broadcast_object(best is not None and best.is_file())
-                else:
-                    has_best = best is not None and best.is_file()
-                if has_best:
-                    path = ctx.broadcast_object(str(best) if best else None)
+                # Only rank 0 knows the run folder: it tells the others (identity under one process).
+                path = ctx.broadcast_object(str(best) if best is not None and best.is_file() else None)
+                if path is not None:
                     ckpt.load_model_weights(family.raw_model, ckpt.load_checkpoint(path, ctx.device), path)
                     source = "best"
                 test_metrics, count = evaluate(family, bundle, "test", cfg, ctx)
@@ -176,7 +173,10 @@ def run(cfg: DictConfig, run_dir: Path | None, console: Console | None = None) -
         console.print(f"[bold red]failed:[/] {message}{where}", highlight=False, soft_wrap=True)
     finally:
         if trainer is not None:
-            trainer.sync_counts() if status != "failed" or ctx is None or not ctx.distributed else None
+            # Folding in the other processes' counts is a collective: skip it when a process
+            # failed, since the others may never reach it.
+            if not (status == "failed" and ctx is not None and ctx.distributed):
+                trainer.sync_counts()
             s = trainer.state
             results.summary.update(steps=s.step, samples_seen=s.samples_seen, epochs=s.epoch,
                                    skipped_steps=s.skipped_steps, unit=trainer.family.unit,
