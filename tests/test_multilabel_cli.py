@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from conftest import ROOT
+from test_multilabel_data import jpeg_and_png_folder
 
 PRESETS = ["focal_densenet", "bce_densenet", "pos_weight_densenet", "asl_densenet"]
 TINY = ["dataset.n_train=96", "dataset.n_val=48", "dataset.n_test=40", "trainer.max_epochs=1",
@@ -62,6 +63,25 @@ def test_balanced_sampler_and_interval_term_run(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
+
+
+def test_jpeg_files_decoded_on_the_device_with_workers(tmp_path):
+    """dataset=multilabel_csv with decode=device: two workers read the files, batches of JPEG
+    bytes (and already decoded PNGs) are decoded where the run is — here the CPU."""
+    folder, csv = jpeg_and_png_folder(tmp_path, 24)
+    split = ["train"] * 16 + ["val"] * 4 + ["test"] * 4
+    lines = (tmp_path / "train.csv").read_text().splitlines()
+    (tmp_path / "all.csv").write_text("\n".join([lines[0] + ",split"] + [f"{l},{s}" for l, s in zip(lines[1:], split)]))
+    done = run(["experiment=focal_densenet", "dataset=multilabel_csv", f"dataset.csv={tmp_path / 'all.csv'}",
+                f"dataset.image_dir={folder}", "dataset.split_column=split", "dataset.image_size=32",
+                "dataset.decode=device", "trainer.num_workers=2", "trainer.batch_size=8", "trainer.max_epochs=1",
+                "device=cpu", "trainer.progress=none"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["samples_seen"] == 16
+    assert summary["eval_samples"] == {"val": 4, "test": 4}
+    assert 0 <= summary["metrics"]["test/mAP"] <= 1
 
 
 @pytest.mark.parametrize("override,named", [

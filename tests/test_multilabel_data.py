@@ -7,10 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 from torch.utils.data import WeightedRandomSampler
-from torchvision.io import write_png
+from torchvision.io import write_jpeg, write_png
+from torchvision.transforms.v2.functional import resize
 
 from runner.data import fashion_mosaic, multilabel_csv, shapes
 from runner.data.sampling import rarest_label_weights, train_weights
+from runner.engine import data as loaders
 from runner.errors import UserError
 
 
@@ -101,7 +103,11 @@ def test_csv_separate_files_load_resize_and_normalise(tmp_path):
     assert bundle.family == "multilabel" and bundle.info["label_names"] == CLASSES
     assert len(bundle.train) == 8 and len(bundle.val) == 2 and len(bundle.test) == 2
     image, labels = bundle.train[3]
-    assert image.shape == (3, 32, 32) and image.dtype == torch.float32
+    assert image.shape == (3, 32, 32) and image.dtype == torch.uint8  # normalised after the copy to the device
+    normalised, _ = bundle.train.to_device((image[None], labels[None]), torch.device("cpu"))
+    expected = (image.float() / 255 - torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)) / torch.tensor(
+        [0.229, 0.224, 0.225]).view(3, 1, 1)
+    torch.testing.assert_close(normalised[0], expected)
     assert labels.tolist() == [1.0, 1.0, 0.0]
     assert bundle.info["train_labels"].shape == (8, 3)
     assert bundle.info["prevalence"] == pytest.approx([0.5, 0.5, 0.25])
@@ -161,6 +167,75 @@ def test_csv_unreadable_image_names_the_line(tmp_path):
     bundle.train[1]
     with pytest.raises(UserError, match=r"train.csv, line 4: cannot read image .*2.png"):
         bundle.train[2]
+
+
+def jpeg_and_png_folder(tmp_path: Path, n: int, same_size: bool = False) -> tuple[Path, str]:
+    """n smooth images (JPEG, every third a PNG) of various sizes and their CSV; returns (folder, csv)."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    g = torch.Generator().manual_seed(1)
+    rows = []
+    for i in range(n):
+        h, w = (40, 48) if same_size else (36 + 5 * i, 60 - 2 * i)
+        image = torch.nn.functional.interpolate(torch.rand(1, 3, 5, 6, generator=g), size=(h, w), mode="bilinear")
+        image = (image[0] * 255).round().to(torch.uint8)
+        name = f"{i}.png" if i % 3 == 0 else f"{i}.jpg"
+        (write_png if name.endswith(".png") else write_jpeg)(image, str(folder / name))
+        rows.append(f"{name},{i % 2},{int(i % 3 == 0)},{int(i % 4 == 1)}")
+    return folder, _csv(tmp_path / "train.csv", rows)
+
+
+def _batches(dataset, batch_size: int) -> list:
+    loader = loaders._loader(dataset, range(len(dataset)), batch_size, num_workers=0, pin=False)
+    move = loaders.batch_mover(dataset, None, torch.device("cpu"))
+    return [move(batch) for batch in loader]
+
+
+@pytest.mark.parametrize("same_size", [False, True], ids=["mixed-sizes", "one-size"])
+def test_csv_decode_on_device_equals_workers_and_pillow(tmp_path, same_size):
+    """decode=device (here on the CPU: one batched decode_jpeg call in the main process) gives the
+    same batches as decode=cpu (each worker decodes its items), and both match an independent
+    reference: Pillow's decode, the same antialiased resize, ImageNet normalisation by hand."""
+    from PIL import Image
+
+    folder, csv = jpeg_and_png_folder(tmp_path, 7, same_size)
+    on_cpu = multilabel_csv.build(csv=csv, image_dir=str(folder), image_size=32, decode="cpu")
+    on_device = multilabel_csv.build(csv=csv, image_dir=str(folder), image_size=32, decode="device")
+    assert not on_cpu.train.on_device and on_device.train.on_device
+    assert on_cpu.train[1][0].dtype == torch.uint8  # normalised on the device, after the copy
+    assert on_device.train[1][0].dim() == 1 and on_device.train[0][0].shape == (3, 32, 32)  # JPEG bytes; PNG decoded
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    seen = 0
+    for (a, labels_a), (b, labels_b) in zip(_batches(on_cpu.train, 3), _batches(on_device.train, 3)):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+        assert torch.equal(labels_a, labels_b) and a.dtype == torch.float32
+        for image in a:
+            pillow = torch.tensor(list(Image.open(folder / f"{seen}.{'png' if seen % 3 == 0 else 'jpg'}")
+                                       .convert("RGB").getdata()), dtype=torch.uint8)
+            size = Image.open(folder / f"{seen}.{'png' if seen % 3 == 0 else 'jpg'}").size
+            pillow = pillow.T.reshape(3, size[1], size[0])
+            reference = (resize(pillow, [32, 32], antialias=True).float() / 255 - mean) / std
+            # Pillow's libjpeg and torchvision's libjpeg-turbo may round an IDCT differently.
+            assert (image - reference).abs().max() <= 3 / 255 / 0.225
+            seen += 1
+    assert seen == 7
+
+
+def test_csv_decode_auto_follows_the_device_and_rejects_unknown_values(tmp_path):
+    folder, csv = jpeg_and_png_folder(tmp_path, 3)
+    assert not multilabel_csv.build(csv=csv, image_dir=str(folder), device=torch.device("cpu")).train.on_device
+    assert multilabel_csv.build(csv=csv, image_dir=str(folder), device=torch.device("cuda", 0)).train.on_device
+    with pytest.raises(UserError, match=r"dataset.decode='gpu' is not known; allowed: auto, cpu, device"):
+        multilabel_csv.build(csv=csv, image_dir=str(folder), decode="gpu")
+
+
+def test_csv_corrupt_jpeg_decoded_on_device_names_its_line(tmp_path):
+    folder, csv = jpeg_and_png_folder(tmp_path, 5)
+    (folder / "4.jpg").write_bytes(b"\xff\xd8\xff\xe0 a JPEG header and nothing else")
+    bundle = multilabel_csv.build(csv=csv, image_dir=str(folder), image_size=16, decode="device")
+    with pytest.raises(UserError, match=r"train.csv, line 6: cannot read image .*4.jpg"):
+        _batches(bundle.train, 5)
 
 
 # --- fashion_mosaic --------------------------------------------------------------------------

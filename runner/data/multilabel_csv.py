@@ -7,47 +7,136 @@ from one CSV with a ``split_column`` whose values are train, val or test.
 
 Everything cheap is checked at start-up, with the CSV file and line named (line 1 is the header):
 missing columns, labels that are not 0/1, image files that do not exist, empty splits. A file that
-exists but cannot be decoded is reported, with its line, when it is first read. Images are decoded
-with torchvision (any format it reads, converted to RGB), resized to ``image_size`` squared and
-normalised with the ImageNet mean and std (the statistics DenseNet121's ImageNet weights expect).
+exists but cannot be decoded is reported, with its line, when it is first read.
+
+Images are decoded with torchvision (any format it reads, converted to RGB), resized to
+``image_size`` squared (antialiased, rounded to 8 bits) and normalised with the ImageNet mean and
+std (the statistics DenseNet121's ImageNet weights expect). Where that happens is ``decode``:
+
+* ``cpu``: the DataLoader workers (``trainer.num_workers``) decode and resize; 8-bit images go to
+  the device, which normalises them (a quarter of the bytes of float images).
+* ``device``: the workers only read the files; each batch of JPEGs is decoded on the run's device
+  in one call (``torchvision.io.decode_jpeg``, nvJPEG on a GPU), then resized and normalised
+  there. Files that are not JPEGs are still decoded by the workers.
+* ``auto`` (default): ``device`` when the run is on a GPU, ``cpu`` otherwise — the faster of the
+  two on the H100 we measured (benchmarks/README.md, "Images from files").
 """
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
-from torchvision.io import ImageReadMode, decode_image, read_file
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
 from torchvision.transforms.v2.functional import resize
 
 from runner.data.sampling import check_sampler, multilabel_bundle
 from runner.engine.family import DataBundle
 from runner.errors import UserError
 
-_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
-_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 SPLITS = ("train", "val", "test")
+DECODES = ("auto", "cpu", "device")
+_JPEG_START = b"\xff\xd8\xff"
+
+
+def normalise(images: Tensor) -> Tensor:
+    """8-bit RGB images [B, 3, S, S] as the float inputs the ImageNet weights expect."""
+    mean, std = _MEAN.to(images.device), _STD.to(images.device)
+    return (images.float() / 255 - mean) / std
 
 
 class CSVImages(Dataset):
-    """Images decoded on demand; items are (normalised [3, S, S] image, labels [L])."""
+    """The images of one split. Items are (8-bit image [3, S, S], labels [L]); with
+    ``on_device`` the JPEGs stay encoded (1-D bytes) until ``to_device`` decodes a whole batch."""
 
-    def __init__(self, paths: list[Path], labels: Tensor, lines: list[int], csv: str, image_size: int) -> None:
+    def __init__(self, paths: list[Path], labels: Tensor, lines: list[int], csv: str, image_size: int,
+                 on_device: bool = False) -> None:
         self.paths, self.labels, self.lines, self.csv, self.image_size = paths, labels, lines, csv, image_size
+        self.on_device = on_device
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
-        path = self.paths[i]
+    def _cannot_read(self, i: int, error: Exception) -> UserError:
+        return UserError(f"{self.csv}, line {self.lines[i]}: cannot read image {self.paths[i]}: {error}")
+
+    def _resize(self, image: Tensor) -> Tensor:
+        return resize(image, [self.image_size, self.image_size], antialias=True)
+
+    def _decode(self, i: int, data: Tensor) -> Tensor:
         try:
-            image = decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+            return self._resize(decode_image(data, mode=ImageReadMode.RGB))
         except (RuntimeError, ValueError, OSError) as e:
-            raise UserError(f"{self.csv}, line {self.lines[i]}: cannot read image {path}: {e}") from None
-        image = resize(image, [self.image_size, self.image_size], antialias=True)
-        return (image.float() / 255 - _MEAN) / _STD, self.labels[i]
+            raise self._cannot_read(i, e) from None
+
+    def __getitem__(self, i: int) -> Any:
+        try:
+            data = read_file(str(self.paths[i]))
+        except (RuntimeError, OSError) as e:
+            raise self._cannot_read(i, e) from None
+        if not self.on_device:
+            return self._decode(i, data), self.labels[i]
+        is_jpeg = bytes(data[:3].tolist()) == _JPEG_START
+        return (data if is_jpeg else self._decode(i, data)), self.labels[i], i
+
+    def collate(self, items: list[Any]) -> Any:
+        """Default collation for decoded items. Encoded ones: all the JPEG bytes of the batch in
+        one tensor (one shared-memory block per batch from a worker, not one per file), the
+        images the workers decoded stacked, and where each belongs in the batch."""
+        if not self.on_device:
+            return torch.utils.data.default_collate(items)
+        payloads, labels, index = zip(*items)
+        jpeg_at = [k for k, p in enumerate(payloads) if p.dim() == 1]
+        decoded_at = [k for k, p in enumerate(payloads) if p.dim() == 3]
+        size = self.image_size
+        return {
+            "jpeg_bytes": torch.cat([payloads[k] for k in jpeg_at]) if jpeg_at else torch.zeros(0, dtype=torch.uint8),
+            "jpeg_sizes": torch.tensor([payloads[k].numel() for k in jpeg_at], dtype=torch.long),
+            "jpeg_at": torch.tensor(jpeg_at, dtype=torch.long),
+            "decoded": torch.stack([payloads[k] for k in decoded_at]) if decoded_at
+            else torch.zeros(0, 3, size, size, dtype=torch.uint8),
+            "decoded_at": torch.tensor(decoded_at, dtype=torch.long),
+            "labels": torch.stack(labels), "index": torch.tensor(index, dtype=torch.long),
+        }
+
+    def to_device(self, batch: Any, device: torch.device) -> tuple[Tensor, Tensor]:
+        """(normalised images [B, 3, S, S], labels [B, L]) on ``device``."""
+        if not self.on_device:
+            images, labels = batch
+            return normalise(images.to(device, non_blocking=True)), labels.to(device, non_blocking=True)
+        n = batch["labels"].shape[0]
+        images: list[Tensor | None] = [None] * n
+        for k, image in zip(batch["decoded_at"].tolist(), batch["decoded"].to(device, non_blocking=True)):
+            images[k] = image
+        jpeg_at = batch["jpeg_at"].tolist()
+        if jpeg_at:
+            files = list(torch.split(batch["jpeg_bytes"], batch["jpeg_sizes"].tolist()))
+            try:
+                decoded = decode_jpeg(files, mode=ImageReadMode.RGB, device=device)
+            except RuntimeError:
+                raise self._first_bad_jpeg([int(batch["index"][k]) for k in jpeg_at], files) from None
+            for k, image in zip(jpeg_at, decoded):
+                images[k] = image
+        if len({tuple(image.shape) for image in images}) == 1:  # one resize call when all have one size
+            stacked = self._resize(torch.stack(images))
+        else:
+            stacked = torch.stack([self._resize(image) for image in images])
+        return normalise(stacked), batch["labels"].to(device, non_blocking=True)
+
+    def _first_bad_jpeg(self, indices: list[int], payloads: list[Tensor]) -> UserError:
+        """A batch failed to decode: find its first bad file by decoding them one by one on the CPU."""
+        for i, data in zip(indices, payloads):
+            try:
+                decode_jpeg(data, mode=ImageReadMode.RGB)
+            except RuntimeError as e:
+                return self._cannot_read(i, e)
+        return UserError(f"{self.csv}: a batch of JPEGs (lines {', '.join(str(self.lines[i]) for i in indices)}) "
+                         "could not be decoded on the device, though each decodes on the CPU; try dataset.decode=cpu")
 
 
 def _read_csv(csv: str) -> pd.DataFrame:
@@ -73,7 +162,7 @@ def _check_columns(frame: pd.DataFrame, csv: str, needed: list[str]) -> None:
 
 
 def _split_dataset(frame: pd.DataFrame, csv: str, split: str, image_dir: Path, path_column: str,
-                   label_columns: list[str], image_size: int) -> CSVImages:
+                   label_columns: list[str], image_size: int, on_device: bool) -> CSVImages:
     if len(frame) == 0:
         raise UserError(f"{csv}: the {split} split is empty (no rows)")
     lines = [int(i) + 2 for i in frame.index]  # +1 for the header, +1 because lines count from 1
@@ -92,7 +181,7 @@ def _split_dataset(frame: pd.DataFrame, csv: str, split: str, image_dir: Path, p
             raise UserError(f"{csv}, line {line}: image file {path} does not exist")
         paths.append(path)
     labels = torch.tensor(values.to_numpy(dtype="float32"))
-    return CSVImages(paths, labels, lines, csv, image_size)
+    return CSVImages(paths, labels, lines, csv, image_size, on_device)
 
 
 def build(
@@ -105,8 +194,15 @@ def build(
     label_columns: list[str] | None = None,
     image_size: int = 224,
     sampler: str = "none",
+    decode: str = "auto",
+    device: torch.device | None = None,
 ) -> DataBundle:
+    """``device`` (the run's, supplied by the engine) settles ``decode=auto``."""
     check_sampler(sampler)
+    if decode not in DECODES:
+        raise UserError(f"dataset.decode={decode!r} is not known; allowed: {', '.join(DECODES)}")
+    if decode == "auto":
+        decode = "device" if device is not None and torch.device(device).type == "cuda" else "cpu"
     for key, value in (("csv", csv), ("image_dir", image_dir)):
         if value in ("", "???"):
             raise UserError(f"dataset.{key} is required: set it on the command line, e.g. dataset.{key}=...")
@@ -145,7 +241,8 @@ def build(
                 frames[split] = (frame, other)
 
     datasets = {
-        split: _split_dataset(frame, name, split, folder, path_column, list(label_columns), image_size)
+        split: _split_dataset(frame, name, split, folder, path_column, list(label_columns), image_size,
+                              on_device=decode == "device")
         for split, (frame, name) in frames.items()
     }
     train_labels = datasets["train"].labels

@@ -8,10 +8,15 @@
 * Evaluation (``exact_eval_indices``): contiguous, disjoint shards that cover the split once.
 * Pre-batched datasets (char-LM streams): items are whole batches in order; each process takes
   its contiguous slice of the streams (rows).
+
+A dataset may also say how its batches are made and finished, with two optional methods:
+``collate(items) -> batch`` (used by the DataLoader instead of torch's default collate) and
+``to_device(batch, device) -> batch`` (moves a batch and finishes it on the device, e.g. decodes
+JPEGs there; the default moves every tensor). ``batch_mover`` picks the one the loop uses.
 """
 from __future__ import annotations
 
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -73,9 +78,16 @@ class RowShard(Dataset):
         return rows_of_rank(self.dataset[i], self.rank, self.world)
 
 
+def batch_mover(dataset: Dataset, default: Callable[[Any], Any], device: torch.device) -> Callable[[Any], Any]:
+    """How a batch of ``dataset`` reaches the device: its own ``to_device`` if it has one."""
+    own = getattr(dataset, "to_device", None)
+    return default if own is None else (lambda batch: own(batch, device))
+
+
 def _loader(dataset: Dataset, indices: Sequence[int], batch_size: int | None, num_workers: int, pin: bool) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size, sampler=ListSampler(indices), num_workers=num_workers,
-                      pin_memory=pin, persistent_workers=False, drop_last=False)
+                      collate_fn=getattr(dataset, "collate", None), pin_memory=pin, persistent_workers=False,
+                      drop_last=False)
 
 
 def train_loader(dataset: Dataset, *, batch_size: int, epoch: int, seed: int, rank: int, world: int,

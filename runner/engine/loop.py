@@ -99,12 +99,13 @@ def evaluate(family: Family, bundle: DataBundle, split: str, cfg: DictConfig, ct
         loader = loaders.eval_loader(dataset, batch_size=batch_size, rank=ctx.rank, world=ctx.world_size,
                                      prebatched=bundle.prebatched, num_workers=cfg.trainer.num_workers,
                                      pin=ctx.device.type == "cuda")
+    move = loaders.batch_mover(dataset, ctx.to_device, ctx.device)
     evaluator = family.evaluator(split)
     was_training = family.model.training
     family.model.eval()
     with torch.no_grad(), autocast(ctx, str(cfg.trainer.precision)):
         for batch in loader:
-            evaluator.update(ctx.to_device(batch))
+            evaluator.update(move(batch))
     family.model.train(was_training)
     sums = {k: ctx.all_reduce_sum(v.to(ctx.device)).cpu() for k, v in sorted(evaluator.sums.items())}
     rows = {k: ctx.gather_rows(torch.cat(v).to(ctx.device)).cpu() for k, v in sorted(evaluator.rows.items())}
@@ -134,6 +135,7 @@ class Trainer:
                 raise UserError(reason)
         self.optimizer = build_optimizer(self.params, cfg.optim, ctx.device, capturable=t.cuda_graph)
         self.device_batches = loaders.resident(bundle.train, ctx.device) if t.data_on_device else None
+        self.move_batch = loaders.batch_mover(bundle.train, ctx.to_device, ctx.device)
         self.batches_per_epoch = loaders.train_batches_per_epoch(bundle.train, t.batch_size, ctx.world_size, bundle.prebatched)
         if t.limit_train_batches > 0:
             self.batches_per_epoch = min(self.batches_per_epoch, t.limit_train_batches)
@@ -236,7 +238,7 @@ class Trainer:
                     # early: it repeats its last batch with weight 0, taking part in DDP's
                     # gradient all-reduce without adding anything to it.
                     weight = 1 if batch is not None else 0
-                    batch = previous if batch is None else ctx.to_device(batch)
+                    batch = previous if batch is None else self.move_batch(batch)
                     previous = batch
                     self.state.batch_in_epoch += 1
                     if self.graphed is not None and self.graphed.accepts(batch):

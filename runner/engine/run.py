@@ -94,7 +94,7 @@ def run(cfg: DictConfig, run_dir: Path | None, console: Console | None = None) -
         log.info("run folder %s, device %s\n%s", run_dir, results.summary["device"], OmegaConf.to_yaml(cfg))
         t = cfg.trainer
         seed_everything(t.seed, t.deterministic)
-        bundle = build(cfg.dataset, "dataset")
+        bundle = build(cfg.dataset, "dataset", device=ctx.device)  # for datasets that prepare batches there
         family = build_family(cfg, bundle)
         family.to(ctx.device)
         if t.channels_last:
