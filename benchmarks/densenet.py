@@ -2,7 +2,9 @@
 
 (a) the hand-written loop: fp32, eager, a DataLoader, ``loss.item()`` every step;
 (b) Lightning's Trainer, bf16-mixed and 32-true, fed by the same DataLoader;
-(c) runner through its configs (focal_densenet at 224 px), in the variants that matter.
+(c) runner through its configs (focal_densenet at 224 px), in the variants that matter: bf16 with
+    channels_last, torch.compile, and the whole step captured in a CUDA graph (the step is
+    launch-bound: ~2,600 kernels, benchmarks/profile_steps.py).
 Evaluation: (a) fp32 with ``.item()`` per batch against runner's ``evaluate`` in bf16 +
 channels_last, with the predictions compared.
 Usage: python benchmarks/densenet.py [--steps N]
@@ -184,6 +186,12 @@ def main() -> None:
                                          "trainer.data_on_device=true")
     r["c_runner_bf16_cl_compile"] = runner_train(args.steps, "trainer.precision=bf16", "trainer.channels_last=true",
                                                  "trainer.data_on_device=true", "trainer.compile=true")
+    r["c_runner_bf16_cl_graph"] = runner_train(args.steps, "trainer.precision=bf16", "trainer.channels_last=true",
+                                               "trainer.data_on_device=true", "trainer.cuda_graph=true")
+    r["c_runner_fp32_graph"] = runner_train(args.steps, "trainer.data_on_device=true", "trainer.cuda_graph=true")
+    r["c_runner_bf16_cl_graph_dataloader"] = runner_train(args.steps, "trainer.precision=bf16",
+                                                          "trainer.channels_last=true", "trainer.cuda_graph=true",
+                                                          "trainer.num_workers=4")
     r.update(evaluation(dataset, device, trained))
     print(json.dumps(r, indent=2))
     if args.out:
@@ -194,7 +202,12 @@ def main() -> None:
         if r[key]:
             rows.append((name, r[key], "img/s"))
     rows += [("(c) runner fp32", r["c_runner_fp32"], "img/s"), ("(c) runner bf16+CL", r["c_runner_bf16_cl"], "img/s"),
-             ("(c) runner bf16+CL+compile", r["c_runner_bf16_cl_compile"], "img/s")]
+             ("(c) runner bf16+CL+compile", r["c_runner_bf16_cl_compile"], "img/s"),
+             ("(c) runner bf16+CL+cuda_graph", r["c_runner_bf16_cl_graph"], "img/s"),
+             ("(c) runner fp32+cuda_graph", r["c_runner_fp32_graph"], "img/s"),
+             ("(c) runner bf16+CL+cuda_graph, 4-worker loader", r["c_runner_bf16_cl_graph_dataloader"], "img/s")]
+    print(f"vs Lightning bf16-mixed: {max(r[k] for k in r if k.startswith('c_')) / r['b_lightning_bf16']:.2f}x"
+          if r["b_lightning_bf16"] else "")
     print(f"DenseNet121 224px batch {BATCH} training on {ceilings.get('gpu')}")
     print(table(rows, r["a_hand_fp32"]))
     print(table([("(a) eval fp32 .item(), DataLoader", r["a_eval_fp32"], "img/s"),

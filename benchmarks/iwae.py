@@ -108,13 +108,34 @@ def runner_rate(mnist_root: str, steps: int, *extra: str) -> float:
     return steady_rate(rows, "samples", skip=2) / BATCH
 
 
+def tf32_check(mnist_root: str, last_stage: int) -> dict[str, float]:
+    """Test NLL (k=5000, full fp32 evaluation) after the paper's schedule cut at ``last_stage``,
+    trained in fp32 and in TF32, two seeds each: does TF32 training move the result by more than
+    a change of seed does?"""
+    nll = {}
+    for precision in ("32", "tf32"):
+        for seed in (0, 1):
+            summary, _ = run_runner("experiment=iwae_paper", f"dataset.root={mnist_root}", "device=gpu",
+                                    f"schedule.last_stage={last_stage}", f"trainer.precision={precision}",
+                                    f"trainer.seed={seed}", "trainer.progress=none")
+            nll[f"{precision}_seed{seed}"] = summary["metrics"]["test/nll_k5000"]
+            print(f"precision={precision} seed={seed}: test NLL {nll[f'{precision}_seed{seed}']:.3f} "
+                  f"({summary['throughput'] / BATCH:,.0f} steps/s over the run)", flush=True)
+    return nll
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--mnist", default=str(ROOT / ".gpu_data" / "mnist"))
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--tf32-check", type=int, default=None, metavar="LAST_STAGE",
+                        help="only compare fp32 and TF32 training on the paper's schedule cut at this stage")
     args = parser.parse_args()
+    if args.tf32_check is not None:
+        print(json.dumps(tf32_check(args.mnist, args.tf32_check), indent=2))
+        return
     device = torch.device("cuda")
     ceilings = device_ceilings(device)
     pixels = mnist_pixels(args.mnist, args.quick)
@@ -126,7 +147,10 @@ def main() -> None:
                                             "trainer.data_on_device=true")
     results["c_runner_graph_compile"] = runner_rate(args.mnist, args.steps * 10, "device=gpu", "trainer.cuda_graph=true",
                                                     "trainer.data_on_device=true", "trainer.compile=true")
-    best = max(results["c_runner_graph"], results["c_runner_graph_compile"])
+    results["c_runner_graph_compile_tf32"] = runner_rate(args.mnist, args.steps * 10, "device=gpu",
+                                                         "trainer.cuda_graph=true", "trainer.data_on_device=true",
+                                                         "trainer.compile=true", "trainer.precision=tf32")
+    best = max(results["c_runner_graph"], results["c_runner_graph_compile"], results["c_runner_graph_compile_tf32"])
     paper_steps = 3280 * 60000 // BATCH
     results["paper_schedule_hours_at_a"] = paper_steps / results["a_practitioners"] / 3600
     results["paper_schedule_hours_at_c"] = paper_steps / best / 3600
@@ -139,7 +163,8 @@ def main() -> None:
         rows.append(("(b) Lightning 32-true", results["b_lightning"], "steps/s"))
     rows += [("(c) runner eager", results["c_runner_eager"], "steps/s"),
              ("(c) runner cuda_graph+data_on_device", results["c_runner_graph"], "steps/s"),
-             ("(c) runner cuda_graph+data_on_device+compile", results["c_runner_graph_compile"], "steps/s")]
+             ("(c) runner cuda_graph+data_on_device+compile", results["c_runner_graph_compile"], "steps/s"),
+             ("(c) runner the above + precision=tf32", results["c_runner_graph_compile_tf32"], "steps/s")]
     print(f"IWAE k=50 batch 20 on {ceilings.get('gpu')} (torch {ceilings.get('torch')})")
     print(table(rows, results["a_practitioners"]))
     print(f"paper schedule (9.84M steps): {results['paper_schedule_hours_at_a']:.1f} h at (a), "

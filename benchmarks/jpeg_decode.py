@@ -8,9 +8,9 @@ noise, so the files are as large as photos), then measures, on one GPU:
    counts, and ``decode=device`` (workers read the files; each batch is decoded by
    ``torchvision.io.decode_jpeg(device='cuda')`` and resized on the GPU). Images/s, one epoch,
    synchronised;
-2. DenseNet121 training at 224 px, batch 64, bf16 + channels_last, through runner fed from these
-   files both ways, against the same training fed from memory (``data_on_device``): how much of
-   the GPU the pipeline keeps busy.
+2. DenseNet121 training at 224 px, batch 64, bf16 + channels_last, eager and with the step in a
+   CUDA graph, through runner fed from these files both ways, against the same training fed
+   from memory (``data_on_device``): how much of the GPU the pipeline keeps busy.
 Usage: python benchmarks/jpeg_decode.py [--n 2048] [--steps 48] [--out FILE]
 """
 from __future__ import annotations
@@ -71,22 +71,25 @@ def pipeline_rate(csv: str, folder: Path, decode: str, workers: int, device: tor
     return len(dataset) / (time.perf_counter() - start)
 
 
-def runner_from_files(csv: str, folder: Path, steps: int, decode: str, workers: int) -> float:
+GRAPH = ("trainer.cuda_graph=true",)
+
+
+def runner_from_files(csv: str, folder: Path, steps: int, decode: str, workers: int, *extra: str) -> float:
     _, rows = run_runner("experiment=focal_densenet", "dataset=multilabel_csv", f"dataset.csv={csv}",
                          f"dataset.image_dir={folder}", f"dataset.image_size={SIZE}", f"dataset.decode={decode}",
                          f"trainer.num_workers={workers}", f"trainer.batch_size={BATCH}", "device=gpu",
                          "trainer.precision=bf16", "trainer.channels_last=true", f"trainer.max_steps={steps}",
                          f"trainer.log_every_n_steps={max(steps // 6, 1)}", "trainer.progress=none",
-                         "trainer.val_every_n_steps=0", "trainer.max_epochs=100")
+                         "trainer.val_every_n_steps=0", "trainer.max_epochs=100", *extra)
     return steady_rate(rows, "samples", skip=2)
 
 
-def runner_from_memory(steps: int) -> float:
+def runner_from_memory(steps: int, *extra: str) -> float:
     _, rows = run_runner("experiment=focal_densenet", f"dataset.image_size={SIZE}", "dataset.n_train=2048",
                          "dataset.n_val=64", "dataset.n_test=64", f"trainer.batch_size={BATCH}", "device=gpu",
                          "trainer.precision=bf16", "trainer.channels_last=true", "trainer.data_on_device=true",
                          f"trainer.max_steps={steps}", f"trainer.log_every_n_steps={max(steps // 6, 1)}",
-                         "trainer.progress=none", "trainer.val_every_n_steps=0", "trainer.max_epochs=100")
+                         "trainer.progress=none", "trainer.val_every_n_steps=0", "trainer.max_epochs=100", *extra)
     return steady_rate(rows, "samples", skip=2)
 
 
@@ -109,11 +112,15 @@ def main() -> None:
         pipeline[f"{decode}_{workers}w"] = pipeline_rate(csv, folder, decode, workers, device)
         print(f"pipeline decode={decode} workers={workers}: {pipeline[f'{decode}_{workers}w']:,.0f} img/s", flush=True)
     r["pipeline_img_s"] = pipeline
-    training = {"memory": runner_from_memory(args.steps)}
-    print(f"training from memory: {training['memory']:,.0f} img/s", flush=True)
-    for decode, workers in (("cpu", 8), ("cpu", 15), ("device", 4)):
-        training[f"{decode}_{workers}w"] = runner_from_files(csv, folder, args.steps, decode, workers)
-        print(f"training decode={decode} workers={workers}: {training[f'{decode}_{workers}w']:,.0f} img/s", flush=True)
+    training = {}
+    for graph in ((), GRAPH):  # eager (launch-bound, ~1,000 img/s) and the captured step (faster)
+        tag = "+graph" if graph else ""
+        training[f"memory{tag}"] = runner_from_memory(args.steps, *graph)
+        print(f"training from memory{tag}: {training[f'memory{tag}']:,.0f} img/s", flush=True)
+        for decode, workers in (("cpu", 8), ("cpu", 15), ("device", 2), ("device", 4)):
+            key = f"{decode}_{workers}w{tag}"
+            training[key] = runner_from_files(csv, folder, args.steps, decode, workers, *graph)
+            print(f"training decode={decode} workers={workers}{tag}: {training[key]:,.0f} img/s", flush=True)
     r["training_img_s"] = training
     print(json.dumps(r, indent=2))
     if args.out:
@@ -123,7 +130,9 @@ def main() -> None:
     best_cpu = max(v for k, v in pipeline.items() if k.startswith("cpu"))
     print(table([(f"decode={k.replace('_', ' workers=')}", v, "img/s") for k, v in pipeline.items()], best_cpu))
     print("DenseNet121 bf16+CL batch 64 training, ratio against the data held in GPU memory:")
-    print(table([(f"from {k}", v, "img/s") for k, v in training.items()], training["memory"]))
+    for tag in ("", "+graph"):
+        print(table([(f"from {k}", v, "img/s") for k, v in training.items() if k.endswith(tag) and
+                     ("+graph" in k) == bool(tag)], training[f"memory{tag}"]))
     sys.stdout.flush()
 
 

@@ -58,7 +58,7 @@ class TrainerConfig:
     batch_size: int = 32
     eval_batch_size: Optional[int] = None  # None: batch_size
     accumulate_grad_batches: int = 1
-    precision: str = "32"  # 32 | bf16 | 16
+    precision: str = "32"  # 32 | tf32 (TF32 matrix products) | bf16 | 16 (autocast)
     gradient_clip_val: float = 0.0  # 0 = no clipping
     seed: int = 0
     deterministic: bool = False
@@ -177,9 +177,19 @@ def hydra_subdir(resume: Optional[str]) -> Optional[str]:
     return None if resume or is_nonzero_rank() else ".hydra"
 
 
+def on_one_gpu(strategy: Any) -> bool:
+    """True where the run will be one process on a GPU (device=gpu, or device=auto with CUDA
+    visible). Presets turn the captured-step path on with it only where that path can run:
+    ``trainer.cuda_graph: ${on_one_gpu:${device.strategy}}``."""
+    import torch
+
+    return str(getattr(strategy, "value", strategy)) in ("gpu", "auto") and torch.cuda.is_available()
+
+
 def register_resolvers() -> None:
     # use_cache: Hydra copies resolver caches into each job's config (as it does for ${now:}),
     # so a sweep's jobs, even in other processes (joblib), see the folder the sweep claimed.
     OmegaConf.register_new_resolver("run_folder", run_folder, replace=True, use_cache=True)
     OmegaConf.register_new_resolver("unique_dir", claim_unique_dir, replace=True, use_cache=True)
     OmegaConf.register_new_resolver("hydra_subdir", hydra_subdir, replace=True)
+    OmegaConf.register_new_resolver("on_one_gpu", on_one_gpu, replace=True)

@@ -1,8 +1,8 @@
 """Optimizers (group ``optim``) and learning-rate schedules (group ``schedule``).
 
 Every schedule is a multiplier of the base lr as a function of the optimizer step, applied by
-``torch.optim.lr_scheduler.LambdaLR`` once per optimizer step: epoch-based schedules convert
-the step to an epoch with the number of optimizer steps per epoch.
+``Schedule`` after every optimizer step: epoch-based schedules convert the step to an epoch with
+the number of optimizer steps per epoch.
 """
 from __future__ import annotations
 
@@ -95,10 +95,14 @@ class Schedule:
         self.optimizer, self.multiplier = optimizer, multiplier
         self.base_lrs = [float(g["lr"]) for g in optimizer.param_groups]
         self.last_step = 0
+        self.factor: float | None = None
         self._apply()
 
     def _apply(self) -> None:
         factor = self.multiplier(self.last_step)
+        if factor == self.factor:  # most schedules change rarely: skip the device write
+            return
+        self.factor = factor
         for group, base in zip(self.optimizer.param_groups, self.base_lrs):
             if isinstance(group["lr"], torch.Tensor):
                 group["lr"].fill_(base * factor)
@@ -114,6 +118,7 @@ class Schedule:
 
     def load_state_dict(self, state: dict) -> None:
         self.last_step, self.base_lrs = int(state["last_step"]), [float(b) for b in state["base_lrs"]]
+        self.factor = None
         self._apply()
 
 

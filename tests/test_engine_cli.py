@@ -66,7 +66,7 @@ def test_eval_only_from_checkpoint(tmp_path):
     ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches=0 must be > 0", 2),
     ("model.foo=3", "allowed keys of model: batchnorm, hidden", 2),
     ("model.hidden=wide", "model.hidden='wide' has the wrong type: expected int", 2),
-    ("trainer.precision=8", "allowed: 32, bf16, 16", 2),
+    ("trainer.precision=8", "allowed: 32, tf32, bf16, 16", 2),
     ("mode=eval", "mode=eval needs ckpt_path", 2),
 ])
 def test_bad_config_exit_code_and_message(tmp_path, override, needle, code):

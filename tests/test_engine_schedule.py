@@ -76,3 +76,28 @@ def test_reduced_precision_runs_and_stays_close(tmp_path, precision):
     import json
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and math.isfinite(summary["metrics"]["test/loss"])
+
+
+
+def test_tf32_is_set_per_run_and_evaluation_multiplies_in_full_fp32(tmp_path, monkeypatch):
+    """precision=tf32 turns TF32 matrix products on for the run (on the CPU the flag is set but
+    unused), precision=32 turns them off again, and every evaluation runs with them off."""
+    import contextlib
+
+    from runner.engine import loop
+
+    flags_in_evaluation = []
+    real = loop.full_fp32_matmul
+
+    @contextlib.contextmanager
+    def recording():
+        with real():
+            flags_in_evaluation.append(torch.backends.cuda.matmul.allow_tf32)
+            yield
+
+    monkeypatch.setattr(loop, "full_fp32_matmul", recording)
+    code, _ = run_in_process(tmp_path / "a", "experiment=regression", "trainer.progress=none", "trainer.precision=tf32")
+    assert code == 0 and torch.backends.cuda.matmul.allow_tf32 is True  # restored after each evaluation
+    assert len(flags_in_evaluation) >= 2 and not any(flags_in_evaluation)
+    code, _ = run_in_process(tmp_path / "b", "experiment=regression", "trainer.progress=none")
+    assert code == 0 and torch.backends.cuda.matmul.allow_tf32 is False

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import run_in_process
+from conftest import compose, run_in_process
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -58,3 +58,42 @@ def test_cuda_graph_char_lstm_carries_state_like_eager(tmp_path):
     a, b = weights(eager), weights(graph)
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-3, atol=1e-4)
+
+
+def test_iwae_paper_defaults_to_the_captured_step_on_a_gpu():
+    t = compose("experiment=iwae_paper", "device=gpu").trainer
+    assert t.cuda_graph is True and t.data_on_device is True and t.compile is True
+    assert compose("experiment=iwae_paper", "device=cpu").trainer.cuda_graph is False
+
+
+def test_cuda_graph_densenet_with_batchnorm_trains_like_eager(tmp_path):
+    common = ("experiment=focal_densenet", "device=gpu", "trainer.progress=none", "trainer.max_epochs=1",
+              "dataset.n_train=256", "dataset.n_val=128", "dataset.n_test=128", "dataset.image_size=32")
+    code, eager = run_in_process(tmp_path / "eager", *common)
+    assert code == 0
+    code, graph = run_in_process(tmp_path / "graph", *common, "trainer.cuda_graph=true")
+    assert code == 0
+    a, b = (json.loads((d / "summary.json").read_text())["metrics"] for d in (eager, graph))
+    assert b["test/loss"] == pytest.approx(a["test/loss"], rel=0.02)
+    wa, wb = weights(eager), weights(graph)
+    for name in wa:  # BatchNorm running statistics are updated inside the graph too
+        torch.testing.assert_close(wb[name].float(), wa[name].float(), rtol=1e-2, atol=1e-3)
+
+
+def test_jpegs_decoded_by_nvjpeg_match_the_cpu_decoder(tmp_path):
+    """decode=device on the GPU (nvJPEG) against decode=cpu (libjpeg-turbo): the two decoders
+    may round the inverse DCT and the chroma upsampling differently, by a few levels."""
+    from test_multilabel_data import jpeg_and_png_folder, _batches_on
+
+    from runner.data import multilabel_csv
+
+    folder, csv = jpeg_and_png_folder(tmp_path, 9)
+    on_cpu = multilabel_csv.build(csv=csv, image_dir=str(folder), image_size=32, decode="cpu")
+    on_gpu = multilabel_csv.build(csv=csv, image_dir=str(folder), image_size=32, device=torch.device("cuda"))
+    assert on_gpu.train.on_device  # decode=auto on a GPU
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255
+    for (a, la), (b, lb) in zip(_batches_on(on_cpu.train, 4, torch.device("cuda")),
+                                _batches_on(on_gpu.train, 4, torch.device("cuda"))):
+        assert b.device.type == "cuda" and torch.equal(la, lb)
+        levels = ((b - a).abs().cpu() * std)  # differences in 8-bit levels
+        assert levels.mean() < 1.5 and levels.max() < 24

@@ -185,10 +185,14 @@ def jpeg_and_png_folder(tmp_path: Path, n: int, same_size: bool = False) -> tupl
     return folder, _csv(tmp_path / "train.csv", rows)
 
 
-def _batches(dataset, batch_size: int) -> list:
+def _batches_on(dataset, batch_size: int, device: torch.device) -> list:
     loader = loaders._loader(dataset, range(len(dataset)), batch_size, num_workers=0, pin=False)
-    move = loaders.batch_mover(dataset, None, torch.device("cpu"))
+    move = loaders.batch_mover(dataset, None, device)
     return [move(batch) for batch in loader]
+
+
+def _batches(dataset, batch_size: int) -> list:
+    return _batches_on(dataset, batch_size, torch.device("cpu"))
 
 
 @pytest.mark.parametrize("same_size", [False, True], ids=["mixed-sizes", "one-size"])

@@ -8,6 +8,8 @@ device and are read only at logging points (no per-step host sync on the GPU pat
 """
 from __future__ import annotations
 
+import contextlib
+
 import logging
 import math
 import signal
@@ -31,7 +33,8 @@ from runner.optim import build_optimizer, build_schedule, has_batchnorm
 
 log = logging.getLogger("runner")
 
-AUTOCAST_DTYPES = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
+# tf32: fp32 everywhere except matrix products, which use TF32 tensor cores (run.py sets that).
+AUTOCAST_DTYPES = {"32": None, "tf32": None, "bf16": torch.bfloat16, "16": torch.float16}
 
 
 class Interrupted(Exception):
@@ -88,6 +91,18 @@ def autocast(ctx: DeviceContext, precision: str, cache_enabled: bool = True):
                           cache_enabled=cache_enabled)
 
 
+@contextlib.contextmanager
+def full_fp32_matmul():
+    """Evaluation multiplies in full fp32 even when training used TF32 (trainer.precision=tf32):
+    the reported metrics are those of the trained weights, not of a faster approximation."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
 def evaluate(family: Family, bundle: DataBundle, split: str, cfg: DictConfig, ctx: DeviceContext) -> tuple[dict[str, float], int]:
     """Metrics of one split, every sample seen once across processes; (metrics, samples)."""
     dataset = getattr(bundle, split)
@@ -103,7 +118,7 @@ def evaluate(family: Family, bundle: DataBundle, split: str, cfg: DictConfig, ct
     evaluator = family.evaluator(split)
     was_training = family.model.training
     family.model.eval()
-    with torch.no_grad(), autocast(ctx, str(cfg.trainer.precision)):
+    with torch.no_grad(), autocast(ctx, str(cfg.trainer.precision)), full_fp32_matmul():
         for batch in loader:
             evaluator.update(move(batch))
     family.model.train(was_training)
@@ -215,6 +230,8 @@ class Trainer:
     def fit(self, stop: SignalFlag) -> None:
         t, ctx, family = self.cfg.trainer, self.ctx, self.family
         accumulate = t.accumulate_grad_batches
+        # Plain ints: a DictConfig read costs microseconds, a lot next to a captured step.
+        log_every, val_every, ckpt_every = int(t.log_every_n_steps), int(t.val_every_n_steps), int(t.ckpt_every_n_steps)
         if accumulate > 1 and has_batchnorm(family.raw_model):
             log.warning("the model has BatchNorm: with accumulate_grad_batches=%d its statistics are "
                         "computed per micro-batch of %d, not per optimizer step", accumulate, t.batch_size)
@@ -262,7 +279,7 @@ class Trainer:
                         self.finish_step(window_units)
                         window_loss = torch.zeros_like(window_loss)
                         window_units = 0
-                    if self.state.step % t.log_every_n_steps == 0 or self.done():
+                    if self.state.step % log_every == 0 or self.done():
                         self.check_finite(first_bad_step)
                         self.sync_counts()
                         loss = float(ctx.all_reduce_sum(self.running_loss).item()) / max(
@@ -276,9 +293,9 @@ class Trainer:
                                           "lr": float(self.optimizer.param_groups[0]["lr"]), f"{family.unit}_per_s": rate})
                         self.running_loss.zero_()  # in place: the captured step adds into this tensor
                         running_units = 0
-                    if t.val_every_n_steps > 0 and self.state.step % t.val_every_n_steps == 0:
+                    if val_every > 0 and self.state.step % val_every == 0:
                         self.validate(progress)
-                    if t.ckpt_every_n_steps > 0 and self.state.step % t.ckpt_every_n_steps == 0:
+                    if ckpt_every > 0 and self.state.step % ckpt_every == 0:
                         self.save("last")
                     if stop.signum is not None:
                         self.save("last")
@@ -289,7 +306,7 @@ class Trainer:
                 if self.state.batch_in_epoch >= self.batches_per_epoch:
                     self.state.epoch += 1
                     self.state.batch_in_epoch = 0
-                if t.val_every_n_steps == 0:
+                if val_every == 0:
                     self.validate(progress)
                 self.save("last")
                 if stop.signum is not None:

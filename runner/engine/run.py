@@ -39,7 +39,14 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
+    # cuDNN times its algorithms once per input shape and keeps the fastest: shapes are fixed here.
+    torch.backends.cudnn.benchmark = not deterministic
+
+
+def set_matmul_precision(precision: str) -> None:
+    """TF32 matrix products for trainer.precision=tf32, full fp32 ones otherwise (set per run:
+    the setting is process-wide and runs may share a process)."""
+    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
 
 
 def validate(cfg: DictConfig) -> None:
@@ -50,8 +57,8 @@ def validate(cfg: DictConfig) -> None:
             raise UserError(f"trainer.{key}={t[key]} must be > 0")
     if t.eval_batch_size is not None and t.eval_batch_size <= 0:
         raise UserError(f"trainer.eval_batch_size={t.eval_batch_size} must be > 0 (or null)")
-    if str(t.precision) not in ("32", "bf16", "16"):
-        raise UserError(f"trainer.precision={t.precision!r} is not known; allowed: 32, bf16, 16")
+    if str(t.precision) not in ("32", "tf32", "bf16", "16"):
+        raise UserError(f"trainer.precision={t.precision!r} is not known; allowed: 32, tf32, bf16, 16")
     if t.gradient_clip_val < 0:
         raise UserError(f"trainer.gradient_clip_val={t.gradient_clip_val} must be >= 0")
     if t.progress not in ("auto", "rich", "plain", "none"):
@@ -94,6 +101,7 @@ def run(cfg: DictConfig, run_dir: Path | None, console: Console | None = None) -
         log.info("run folder %s, device %s\n%s", run_dir, results.summary["device"], OmegaConf.to_yaml(cfg))
         t = cfg.trainer
         seed_everything(t.seed, t.deterministic)
+        set_matmul_precision(str(t.precision))
         bundle = build(cfg.dataset, "dataset", device=ctx.device)  # for datasets that prepare batches there
         family = build_family(cfg, bundle)
         family.to(ctx.device)
