@@ -86,11 +86,14 @@ def lightning(dataset: TensorDataset, device: torch.device, steps: int, precisio
 
 
 def runner_train(steps: int, *extra: str) -> float:
+    print("runner", *extra, end=": ", flush=True)
     _, rows = run_runner("experiment=focal_densenet", f"dataset.image_size={SIZE}", f"dataset.n_train={N}",
                          "dataset.n_val=256", "dataset.n_test=256", f"trainer.batch_size={BATCH}", "device=gpu",
                          f"trainer.max_steps={steps}", f"trainer.log_every_n_steps={max(steps // 6, 1)}",
                          "trainer.progress=none", "trainer.val_every_n_steps=0", *extra)
-    return steady_rate(rows, "samples", skip=2)
+    result = steady_rate(rows, "samples", skip=2)
+    print(f"{result:,.0f} img/s", flush=True)
+    return result
 
 
 def evaluation(dataset: TensorDataset, device: torch.device, net: nn.Module) -> dict[str, float]:

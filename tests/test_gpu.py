@@ -67,17 +67,21 @@ def test_iwae_paper_defaults_to_the_captured_step_on_a_gpu():
 
 
 def test_cuda_graph_densenet_with_batchnorm_trains_like_eager(tmp_path):
-    common = ("experiment=focal_densenet", "device=gpu", "trainer.progress=none", "trainer.max_epochs=1",
-              "dataset.n_train=256", "dataset.n_val=128", "dataset.n_test=128", "dataset.image_size=32")
+    # SGD, not Adam: Adam's first steps move every weight by about lr whatever the gradient's
+    # size, so rounding noise from cuDNN's algorithm choice would show as lr-sized differences.
+    common = ("experiment=focal_densenet", "device=gpu", "trainer.progress=none", "trainer.max_epochs=2",
+              "dataset.n_train=256", "dataset.n_val=128", "dataset.n_test=128", "dataset.image_size=32",
+              "optim=sgd", "optim.lr=0.05", "optim.momentum=0.9", "trainer.deterministic=true")
     code, eager = run_in_process(tmp_path / "eager", *common)
     assert code == 0
     code, graph = run_in_process(tmp_path / "graph", *common, "trainer.cuda_graph=true")
     assert code == 0
     a, b = (json.loads((d / "summary.json").read_text())["metrics"] for d in (eager, graph))
-    assert b["test/loss"] == pytest.approx(a["test/loss"], rel=0.02)
+    assert b["test/loss"] == pytest.approx(a["test/loss"], rel=1e-3)
     wa, wb = weights(eager), weights(graph)
+    assert any("running_mean" in name for name in wa)
     for name in wa:  # BatchNorm running statistics are updated inside the graph too
-        torch.testing.assert_close(wb[name].float(), wa[name].float(), rtol=1e-2, atol=1e-3)
+        torch.testing.assert_close(wb[name].float(), wa[name].float(), rtol=1e-3, atol=1e-4)
 
 
 def test_jpegs_decoded_by_nvjpeg_match_the_cpu_decoder(tmp_path):

@@ -168,9 +168,9 @@ class Trainer:
         self.train_seconds = 0.0  # training only: evaluation and checkpoint time is left out
         self.paused_s = 0.0  # evaluation and checkpoint time so far
         self.pending_units = torch.zeros((), device=ctx.device, dtype=torch.float64)
-        # Device-side loss sum and non-finite flag, updated inside the captured step too.
+        # Device-side loss sum since the last log, updated inside the captured step too; a NaN
+        # or Inf stays in it until check_finite reads it.
         self.running_loss = torch.zeros((), device=ctx.device, dtype=torch.float64)
-        self.nonfinite_seen = torch.zeros((), device=ctx.device, dtype=torch.bool)
         self.graphed = GraphedStep(self.graph_body) if t.cuda_graph else None
         self.graph_units = 0
 
@@ -333,15 +333,14 @@ class Trainer:
             loss_sum, units = self.family.train_loss(batch)
         loss_sum.float().backward()
         self.graph_units = int(units)
-        grads = [p.grad for p in self.params if p.grad is not None]
-        torch._foreach_mul_(grads, 1.0 / self.graph_units)
+        # The eager step's arithmetic, in its order (sum, backward, divide): the captured step
+        # computes the same weights, not merely close ones.
+        torch._foreach_mul_([p.grad for p in self.params if p.grad is not None], 1.0 / self.graph_units)
         if t.gradient_clip_val > 0:
             torch.nn.utils.clip_grad_norm_(self.params, t.gradient_clip_val, foreach=True)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=False)
-        loss = loss_sum.detach().double()
-        self.running_loss.add_(loss)
-        self.nonfinite_seen.logical_or_(~torch.isfinite(loss))
+        self.running_loss.add_(loss_sum.detach())  # a NaN or Inf stays in it until check_finite reads it
 
     def finish_step(self, units: int) -> None:
         self.schedule.step()  # also after a skipped step: the lr stays a function of the step count
@@ -387,7 +386,7 @@ class Trainer:
         if self.cfg.trainer.skip_nonfinite:
             return
         bad = int(first_bad_step.item())
-        if bad < 0 and bool(self.nonfinite_seen):
+        if bad < 0 and not bool(torch.isfinite(self.running_loss)):
             bad = self.state.step  # inside a captured step: known to have happened by this step
         if bad >= 0:
             raise NonFiniteLoss(
