@@ -86,13 +86,12 @@ def lightning(dataset: TensorDataset, device: torch.device, steps: int, precisio
 
 
 def runner_train(steps: int, *extra: str) -> float:
-    print("runner", *extra, end=": ", flush=True)
     _, rows = run_runner("experiment=focal_densenet", f"dataset.image_size={SIZE}", f"dataset.n_train={N}",
                          "dataset.n_val=256", "dataset.n_test=256", f"trainer.batch_size={BATCH}", "device=gpu",
                          f"trainer.max_steps={steps}", f"trainer.log_every_n_steps={max(steps // 6, 1)}",
                          "trainer.progress=none", "trainer.val_every_n_steps=0", *extra)
     result = steady_rate(rows, "samples", skip=2)
-    print(f"{result:,.0f} img/s", flush=True)
+    print(f"(c) runner {' '.join(extra) or 'fp32'}: {result:,.0f} img/s", flush=True)
     return result
 
 
@@ -182,8 +181,10 @@ def main() -> None:
         print(f"bf16 vs fp32 logits: relative error {r['logits_rel_err']:.2e}, same decisions {r['same_decisions']:.4f}")
         return
     r["a_hand_fp32"], trained = hand_loop(dataset, device, args.steps)
+    print(f"(a) hand loop fp32: {r['a_hand_fp32']:,.0f} img/s", flush=True)
     r["b_lightning_bf16"] = lightning(dataset, device, args.steps, "bf16-mixed")
     r["b_lightning_32"] = lightning(dataset, device, args.steps, "32-true")
+    print(f"(b) Lightning bf16-mixed {r['b_lightning_bf16']}, 32-true {r['b_lightning_32']} img/s", flush=True)
     r["c_runner_fp32"] = runner_train(args.steps)
     r["c_runner_bf16_cl"] = runner_train(args.steps, "trainer.precision=bf16", "trainer.channels_last=true",
                                          "trainer.data_on_device=true")

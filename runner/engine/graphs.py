@@ -83,6 +83,7 @@ class GraphedStep:
             torch.cuda.current_stream().wait_stream(side)
             return
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # thread_local: the DataLoader's pin-memory thread may use CUDA while this one captures.
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.body(self.static)
         self.graph.replay()  # capture records without running: this call's step runs now
