@@ -210,7 +210,8 @@ def main() -> None:
              ("(c) runner bf16+CL+cuda_graph", r["c_runner_bf16_cl_graph"], "img/s"),
              ("(c) runner fp32+cuda_graph", r["c_runner_fp32_graph"], "img/s"),
              ("(c) runner bf16+CL+cuda_graph, 4-worker loader", r["c_runner_bf16_cl_graph_dataloader"], "img/s")]
-    print(f"vs Lightning bf16-mixed: {max(r[k] for k in r if k.startswith('c_')) / r['b_lightning_bf16']:.2f}x"
+    print(f"runner's best training vs Lightning bf16-mixed: "
+          f"{max(r[k] for k in r if k.startswith('c_runner')) / r['b_lightning_bf16']:.2f}x"
           if r["b_lightning_bf16"] else "")
     print(f"DenseNet121 224px batch {BATCH} training on {ceilings.get('gpu')}")
     print(table(rows, r["a_hand_fp32"]))
