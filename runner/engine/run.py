@@ -104,7 +104,8 @@ def run(cfg: DictConfig, run_dir: Path | None, console: Console | None = None) -
         t = cfg.trainer
         seed_everything(t.seed, t.deterministic)
         set_matmul_precision(str(t.precision))
-        bundle = build(cfg.dataset, "dataset", device=ctx.device)  # for datasets that prepare batches there
+        # Datasets that prepare batches on the device, or choose where to, take these two.
+        bundle = build(cfg.dataset, "dataset", device=ctx.device, num_workers=int(t.num_workers))
         family = build_family(cfg, bundle)
         family.to(ctx.device)
         if t.channels_last:
