@@ -134,30 +134,45 @@ def evaluation(dataset: TensorDataset, device: torch.device, net: nn.Module) -> 
     bundle = DataBundle("multilabel", dataset, dataset, dataset,
                         info={"num_labels": 4, "label_names": list("abcd"), "train_labels": labels,
                               "prevalence": labels.mean(0).tolist()})
-    cfg = OmegaConf.create({"model": {"_target_": "runner.models.densenet.densenet121"},
-                            "loss": {"_target_": "runner.losses.multilabel.FocalLoss"},
-                            "trainer": {"batch_size": EVAL_BATCH, "eval_batch_size": EVAL_BATCH, "precision": "bf16",
-                                        "num_workers": 4, "seed": 0, "data_on_device": True}})
-    family = build_family(cfg, bundle)
-    family.model.load_state_dict(net.state_dict())
-    family.to(device)
-    family.model.to(memory_format=torch.channels_last)
     ctx = DeviceContext(device, device.type)
-    evaluate(family, bundle, "test", cfg, ctx)  # warm-up
-    sync(device)
-    start = time.perf_counter()
-    repeats = 3
-    for _ in range(repeats):
-        evaluate(family, bundle, "test", cfg, ctx)
-    sync(device)
-    runner_rate = repeats * len(dataset) / (time.perf_counter() - start)
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
-        logits = family.raw_model(dataset.tensors[0][:EVAL_BATCH].to(device).contiguous(
-            memory_format=torch.channels_last)).float().cpu()
+    r = {"a_eval_fp32": hand_rate, "a_eval_fp32_resident": hand_resident_rate}
     ref = reference[:EVAL_BATCH]
-    return {"a_eval_fp32": hand_rate, "a_eval_fp32_resident": hand_resident_rate, "c_eval_bf16_cl": runner_rate,
-            "logits_rel_err": float((logits - ref).norm() / ref.norm()),
-            "same_decisions": float(((logits > 0) == (ref > 0)).float().mean())}
+    for precision, channels_last, key in (("bf16", True, "c_eval_bf16_cl"), ("32", False, "c_eval_fp32")):
+        cfg = OmegaConf.create({"model": {"_target_": "runner.models.densenet.densenet121"},
+                                "loss": {"_target_": "runner.losses.multilabel.FocalLoss"},
+                                "trainer": {"batch_size": EVAL_BATCH, "eval_batch_size": EVAL_BATCH,
+                                            "precision": precision, "num_workers": 4, "seed": 0,
+                                            "data_on_device": True}})
+        family = build_family(cfg, bundle)
+        family.model.load_state_dict(net.state_dict())
+        family.to(device)
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        family.model.to(memory_format=memory_format)
+        evaluate(family, bundle, "test", cfg, ctx)  # warm-up
+        sync(device)
+        start = time.perf_counter()
+        repeats = 3
+        for _ in range(repeats):
+            evaluate(family, bundle, "test", cfg, ctx)
+        sync(device)
+        r[key] = repeats * len(dataset) / (time.perf_counter() - start)
+        family.raw_model.eval()  # the predictions evaluate() made: eval-mode BatchNorm
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            logits = family.raw_model(dataset.tensors[0][:EVAL_BATCH].to(device).contiguous(
+                memory_format=memory_format)).float().cpu()
+        r[f"{key}_logits_rel_err"] = float((logits - ref).norm() / ref.norm())
+        r[f"{key}_same_decisions"] = float(((logits > 0) == (ref > 0)).float().mean())
+    return r
+
+
+def print_evaluation(r: dict) -> None:
+    print(table([("(a) eval fp32 .item(), DataLoader", r["a_eval_fp32"], "img/s"),
+                 ("(a) eval fp32 .item(), data on GPU", r["a_eval_fp32_resident"], "img/s"),
+                 ("(c) runner eval fp32, data on GPU", r["c_eval_fp32"], "img/s"),
+                 ("(c) runner eval bf16+CL, data on GPU", r["c_eval_bf16_cl"], "img/s")], r["a_eval_fp32"]))
+    for key in ("c_eval_fp32", "c_eval_bf16_cl"):
+        print(f"{key} logits vs (a): relative error {r[f'{key}_logits_rel_err']:.2e}, "
+              f"same 0.5-threshold decisions {r[f'{key}_same_decisions']:.4f}")
 
 
 def main() -> None:
@@ -175,10 +190,10 @@ def main() -> None:
         _, trained = hand_loop(dataset, device, 30)
         r.update(evaluation(dataset, device, trained))
         print(json.dumps(r, indent=2))
-        print(table([("(a) eval fp32 .item(), DataLoader", r["a_eval_fp32"], "img/s"),
-                     ("(a) eval fp32 .item(), data on GPU", r["a_eval_fp32_resident"], "img/s"),
-                     ("(c) runner eval bf16+CL, data on GPU", r["c_eval_bf16_cl"], "img/s")], r["a_eval_fp32"]))
-        print(f"bf16 vs fp32 logits: relative error {r['logits_rel_err']:.2e}, same decisions {r['same_decisions']:.4f}")
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(r, f, indent=2)
+        print_evaluation(r)
         return
     r["a_hand_fp32"], trained = hand_loop(dataset, device, args.steps)
     print(f"(a) hand loop fp32: {r['a_hand_fp32']:,.0f} img/s", flush=True)
@@ -215,11 +230,7 @@ def main() -> None:
           if r["b_lightning_bf16"] else "")
     print(f"DenseNet121 224px batch {BATCH} training on {ceilings.get('gpu')}")
     print(table(rows, r["a_hand_fp32"]))
-    print(table([("(a) eval fp32 .item(), DataLoader", r["a_eval_fp32"], "img/s"),
-                 ("(a) eval fp32 .item(), data on GPU", r["a_eval_fp32_resident"], "img/s"),
-                 ("(c) runner eval bf16+CL, data on GPU", r["c_eval_bf16_cl"], "img/s")], r["a_eval_fp32"]))
-    print(f"bf16 vs fp32 logits: relative error {r['logits_rel_err']:.2e}, same 0.5-threshold decisions "
-          f"{r['same_decisions']:.4f}")
+    print_evaluation(r)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ if part tests; then python -m pytest -q -p no:cacheprovider --tb=short tests/tes
 if part iwae; then python benchmarks/iwae.py --out "$OUT/iwae.json" > "$OUT/iwae.log" 2>&1; show "$OUT/iwae.log" 10; fi
 if part tf32; then python benchmarks/iwae.py --tf32-check 2 > "$OUT/tf32.log" 2>&1; grep "precision=\|Error" "$OUT/tf32.log"; fi
 if part densenet; then python benchmarks/densenet.py --out "$OUT/densenet.json" > "$OUT/densenet.log" 2>&1; show "$OUT/densenet.log" 18; fi
+if part eval; then python benchmarks/densenet.py --eval-only --out "$OUT/eval.json" > "$OUT/eval.log" 2>&1; show "$OUT/eval.log" 8; fi
 if part jpeg; then python benchmarks/jpeg_decode.py --out "$OUT/jpeg.json" > "$OUT/jpeg.log" 2>&1; show "$OUT/jpeg.log" 22; fi
 if part charlm; then python benchmarks/char_lstm.py --out "$OUT/char_lstm.json" > "$OUT/char_lstm.log" 2>&1; show "$OUT/char_lstm.log" 6; fi
 if part profile; then python benchmarks/profile_steps.py --out "$OUT/profile.json" > "$OUT/profile.log" 2>&1; grep "^IWAE\|^DenseNet" "$OUT/profile.log"; fi
