@@ -90,8 +90,9 @@ class CSVImages(Dataset):
 
     def collate(self, items: list[Any]) -> Any:
         """Default collation for decoded items. Encoded ones: all the JPEG bytes of the batch in
-        one tensor (one shared-memory block per batch from a worker, not one per file), the
-        images the workers decoded stacked, and where each belongs in the batch."""
+        one tensor, the images the workers decoded stacked, and where each belongs in the batch.
+        One copied block per batch, not the per-file tensors ``read_file`` returns: sent from a
+        worker one by one, those failed to share (bad file descriptor) and the loader hung."""
         if not self.on_device:
             return torch.utils.data.default_collate(items)
         payloads, labels, index = zip(*items)
