@@ -9,7 +9,6 @@ device and are read only at logging points (no per-step host sync on the GPU pat
 from __future__ import annotations
 
 import contextlib
-
 import logging
 import math
 import signal
@@ -93,8 +92,9 @@ def autocast(ctx: DeviceContext, precision: str, cache_enabled: bool = True):
 
 @contextlib.contextmanager
 def full_fp32_matmul():
-    """Evaluation multiplies in full fp32 even when training used TF32 (trainer.precision=tf32):
-    the reported metrics are those of the trained weights, not of a faster approximation."""
+    """Evaluation's matrix products run in full fp32 even when training used TF32
+    (trainer.precision=tf32): the reported metrics are those of the trained weights, not of a
+    faster approximation. (Convolutions follow PyTorch's own cuDNN default in every mode.)"""
     before = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
