@@ -101,3 +101,24 @@ def test_jpegs_decoded_by_nvjpeg_match_the_cpu_decoder(tmp_path):
         assert b.device.type == "cuda" and torch.equal(la, lb)
         levels = ((b - a).abs().cpu() * std)  # differences in 8-bit levels
         assert levels.mean() < 1.5 and levels.max() < 24
+
+
+def test_captured_step_fed_by_a_dataloader_with_workers(tmp_path):
+    """The pin-memory thread runs while the step is captured (capture_error_mode=thread_local)."""
+    code, run_dir = run_in_process(tmp_path, "experiment=focal_densenet", "device=gpu", "trainer.progress=none",
+                                   "trainer.max_epochs=1", "dataset.n_train=512", "dataset.n_val=64",
+                                   "dataset.n_test=64", "trainer.cuda_graph=true", "trainer.num_workers=2")
+    assert code == 0
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 8
+
+
+def test_captured_step_reports_a_non_finite_loss(tmp_path):
+    """Inside the graph nothing is read on the host: the NaN shows in the running loss at the
+    next logging point, and the run fails there with the step named."""
+    code, run_dir = run_in_process(tmp_path, "experiment=regression", "device=gpu", "trainer.progress=none",
+                                   "optim=sgd", "optim.lr=1e12", "trainer.cuda_graph=true",
+                                   "trainer.data_on_device=true", "trainer.log_every_n_steps=5")
+    assert code == 1
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed" and "non-finite training loss" in summary["error"]
+    assert summary["steps"] <= 5
