@@ -71,6 +71,7 @@ class TrainerConfig:
     skip_nonfinite: bool = False
     compile: bool = False  # torch.compile the model
     cuda_graph: bool = False  # capture the whole optimizer step in one CUDA graph (small models)
+    steps_per_graph: int = 1  # with cuda_graph and data_on_device: optimizer steps per graph launch
     data_on_device: bool = False  # keep a tensor-backed training set on the device, batch it there
     channels_last: bool = False
     limit_train_batches: int = -1  # -1 = all; for smoke runs
@@ -177,13 +178,14 @@ def hydra_subdir(resume: Optional[str]) -> Optional[str]:
     return None if resume or is_nonzero_rank() else ".hydra"
 
 
-def on_one_gpu(strategy: Any) -> bool:
-    """True where the run will be one process on a GPU (device=gpu, or device=auto with CUDA
-    visible). Presets turn the captured-step path on with it only where that path can run:
-    ``trainer.cuda_graph: ${on_one_gpu:${device.strategy}}``."""
+def on_one_gpu(strategy: Any, yes: Any = True, no: Any = False) -> Any:
+    """``yes`` where the run will be one process on a GPU (device=gpu, or device=auto with CUDA
+    visible), ``no`` elsewhere. Presets turn the captured-step path on with it only where that
+    path can run: ``trainer.cuda_graph: ${on_one_gpu:${device.strategy}}``."""
     import torch
 
-    return str(getattr(strategy, "value", strategy)) in ("gpu", "auto") and torch.cuda.is_available()
+    one_gpu = str(getattr(strategy, "value", strategy)) in ("gpu", "auto") and torch.cuda.is_available()
+    return yes if one_gpu else no
 
 
 def register_resolvers() -> None:

@@ -113,6 +113,12 @@ class Schedule:
         self.last_step += 1
         self._apply()
 
+    def constant_for(self, steps: int) -> bool:
+        """Whether the next ``steps`` optimizer steps all use the current lr (several captured
+        steps in one graph launch share the lr set before the launch)."""
+        now = self.multiplier(self.last_step)
+        return all(self.multiplier(self.last_step + j) == now for j in range(1, steps))
+
     def state_dict(self) -> dict:
         return {"last_step": self.last_step, "base_lrs": self.base_lrs}
 

@@ -89,3 +89,47 @@ def test_device_resident_evaluation_matches_the_data_loader(tmp_path):
         results.append(json.loads((run_dir / "summary.json").read_text()))
     assert results[0]["eval_samples"] == results[1]["eval_samples"] == {"val": 101, "test": 64}
     assert results[0]["metrics"] == results[1]["metrics"]
+
+
+def test_stacked_resident_batches_are_the_next_batches():
+    """ResidentEpoch.take(n) (the batches of n captured steps in one launch) gives exactly the
+    n batches that n calls of next() give, in order; the partial last batch stays single."""
+    from torch.utils.data import TensorDataset
+
+    from runner.engine.data import DeviceBatches
+
+    dataset = TensorDataset(torch.arange(50.0).view(25, 2), torch.arange(25))
+    source = DeviceBatches(dataset, torch.device("cpu"))
+    common = dict(batch_size=4, epoch=3, seed=7, rank=0, world=1, weights=None)
+    one_by_one, stacked = source.epoch(**common), source.epoch(**common)
+    first = stacked.take(3)
+    assert first[0].shape == (3, 4, 2) and first[1].shape == (3, 4)
+    for s in range(3):
+        x, y = next(one_by_one)
+        assert torch.equal(first[0][s], x) and torch.equal(first[1][s], y)
+    assert stacked.full_batches_left() == 3  # 25 samples: 6 full batches of 4, then 1
+    rest_stacked, rest = [stacked.take(3)], list(one_by_one)
+    assert [b[1].shape[0] for b in rest] == [4, 4, 4, 1]
+    assert torch.equal(rest_stacked[0][1].flatten(), torch.cat([b[1] for b in rest[:3]]))
+    assert torch.equal(next(stacked)[1], rest[3][1])
+
+
+def test_schedule_constant_for_counts_the_lr_changes_ahead():
+    from runner.config import OptimConfig, ScheduleConfig, ScheduleName
+    from runner.optim import build_optimizer, build_schedule
+
+    opt = build_optimizer([torch.nn.Parameter(torch.zeros(1))], OptimConfig())
+    schedule = build_schedule(opt, ScheduleConfig(name=ScheduleName.step, step_epochs=1), steps_per_epoch=10,
+                              total_steps=100)
+    assert schedule.constant_for(10) and not schedule.constant_for(11)  # the lr drops at step 10
+    for _ in range(8):
+        schedule.step()
+    assert schedule.constant_for(2) and not schedule.constant_for(3)
+
+
+def test_steps_per_graph_needs_the_captured_resident_path(tmp_path):
+    code, run_dir = run_in_process(tmp_path, *FAST, "trainer.steps_per_graph=4")
+    assert code == 2
+    import json
+    error = json.loads((run_dir / "summary.json").read_text())["error"]
+    assert "trainer.steps_per_graph=4 needs trainer.cuda_graph=true and trainer.data_on_device=true" in error

@@ -129,12 +129,9 @@ class DeviceBatches:
         self.device, self.n = device, len(dataset)
 
     def epoch(self, *, batch_size: int, epoch: int, seed: int, rank: int, world: int, weights: Tensor | None,
-              skip_batches: int = 0) -> Iterator[Any]:
+              skip_batches: int = 0) -> "ResidentEpoch":
         order = train_order(self.n, seed, epoch, weights)[rank::world][skip_batches * batch_size:].to(self.device)
-        for start in range(0, order.shape[0], batch_size):
-            idx = order[start:start + batch_size]
-            rows = tuple(t[idx] for t in self.tensors)
-            yield rows if self.as_tuple else rows[0]
+        return ResidentEpoch(self, order, batch_size)
 
     def eval_batches(self, *, batch_size: int, rank: int, world: int) -> Iterator[Any]:
         """This process's exact evaluation shard, as contiguous slices (views: no copies)."""
@@ -142,6 +139,38 @@ class DeviceBatches:
         for start in range(shard.start, shard.stop, batch_size):
             rows = tuple(t[start:min(start + batch_size, shard.stop)] for t in self.tensors)
             yield rows if self.as_tuple else rows[0]
+
+
+class ResidentEpoch:
+    """One epoch of resident batches in the seeded order: ``next`` gives one batch, ``take(n)``
+    the next n full batches stacked along a new first dimension (one gather for n captured
+    steps, trainer.steps_per_graph)."""
+
+    def __init__(self, source: DeviceBatches, order: Tensor, batch_size: int):
+        self.source, self.order, self.batch_size, self.position = source, order, batch_size, 0
+
+    def __iter__(self) -> "ResidentEpoch":
+        return self
+
+    def full_batches_left(self) -> int:
+        return (self.order.shape[0] - self.position) // self.batch_size
+
+    def _rows(self, size: int, shape: tuple[int, ...]) -> Any:
+        idx = self.order[self.position:self.position + size]
+        self.position += size
+        rows = tuple(t[idx].view(*shape, *t.shape[1:]) for t in self.source.tensors)
+        return rows if self.source.as_tuple else rows[0]
+
+    def __next__(self) -> Any:
+        left = self.order.shape[0] - self.position
+        if left <= 0:
+            raise StopIteration
+        size = min(self.batch_size, left)
+        return self._rows(size, (size,))
+
+    def take(self, n: int) -> Any:
+        assert n <= self.full_batches_left()
+        return self._rows(n * self.batch_size, (n, self.batch_size))
 
 
 def resident(dataset: Dataset, device: torch.device) -> DeviceBatches:

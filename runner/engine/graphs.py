@@ -43,6 +43,13 @@ def _copy_into(static: Any, batch: Any) -> None:
             _copy_into(s, b)
 
 
+def step_slice(batch: Any, s: int) -> Any:
+    """The s-th batch of a stack of batches (tensor, or tuple of tensors, stacked on dim 0)."""
+    if isinstance(batch, Tensor):
+        return batch[s]
+    return type(batch)(step_slice(b, s) for b in batch)
+
+
 def _clone(batch: Any) -> Any:
     if isinstance(batch, Tensor):
         return batch.clone()

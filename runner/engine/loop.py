@@ -24,7 +24,7 @@ from runner.engine import checkpoint as ckpt
 from runner.engine import data as loaders
 from runner.engine.devices import DeviceContext
 from runner.engine.family import DataBundle, Family
-from runner.engine.graphs import GraphedStep, graph_unsupported
+from runner.engine.graphs import GraphedStep, graph_unsupported, step_slice
 from runner.engine.progress import ProgressDisplay
 from runner.engine.results import RunResults
 from runner.errors import UserError
@@ -172,6 +172,8 @@ class Trainer:
         # or Inf stays in it until check_finite reads it.
         self.running_loss = torch.zeros((), device=ctx.device, dtype=torch.float64)
         self.graphed = GraphedStep(self.graph_body) if t.cuda_graph else None
+        self.steps_per_graph = int(t.steps_per_graph)
+        self.graphed_steps = GraphedStep(self.graph_bodies) if self.steps_per_graph > 1 else None
         self.graph_units = 0
 
     # --- checkpoints -------------------------------------------------------------------------
@@ -250,18 +252,21 @@ class Trainer:
                 while self.state.batch_in_epoch < self.batches_per_epoch:
                     i = self.state.batch_in_epoch
                     steps_now = (i + 1) % accumulate == 0 or i + 1 == self.batches_per_epoch
-                    batch = next(batches, None)
+                    n = self.steps_in_one_launch(batches)  # > 1: that many captured steps at once
+                    batch = batches.take(n) if n > 1 else next(batches, None)
                     # Shards differ by at most one sample, so a process may run out one batch
                     # early: it repeats its last batch with weight 0, taking part in DDP's
                     # gradient all-reduce without adding anything to it.
                     weight = 1 if batch is not None else 0
                     batch = previous if batch is None else self.move_batch(batch)
                     previous = batch
-                    self.state.batch_in_epoch += 1
-                    if self.graphed is not None and self.graphed.accepts(batch):
-                        self.graphed(batch)  # forward, backward and optimizer step, on the device
-                        running_units += self.graph_units
-                        self.finish_step(self.graph_units)
+                    self.state.batch_in_epoch += n
+                    graphed = self.graphed_steps if n > 1 else self.graphed
+                    if graphed is not None and graphed.accepts(batch):
+                        graphed(batch)  # forward, backward and optimizer step(s), on the device
+                        for _ in range(n):
+                            running_units += self.graph_units
+                            self.finish_step(self.graph_units)
                     else:
                         with ctx.no_sync(self.model, skip=not steps_now), autocast(ctx, self.precision):
                             loss_sum, units = family.train_loss(batch)
@@ -279,7 +284,7 @@ class Trainer:
                         self.finish_step(window_units)
                         window_loss = torch.zeros_like(window_loss)
                         window_units = 0
-                    if self.state.step % log_every == 0 or self.done():
+                    if self.passed_multiple(log_every, n) or self.done():
                         self.check_finite(first_bad_step)
                         self.sync_counts()
                         loss = float(ctx.all_reduce_sum(self.running_loss).item()) / max(
@@ -293,9 +298,9 @@ class Trainer:
                                           "lr": float(self.optimizer.param_groups[0]["lr"]), f"{family.unit}_per_s": rate})
                         self.running_loss.zero_()  # in place: the captured step adds into this tensor
                         running_units = 0
-                    if val_every > 0 and self.state.step % val_every == 0:
+                    if self.passed_multiple(val_every, n):
                         self.validate(progress)
-                    if ckpt_every > 0 and self.state.step % ckpt_every == 0:
+                    if self.passed_multiple(ckpt_every, n):
                         self.save("last")
                     if stop.signum is not None:
                         self.save("last")
@@ -341,6 +346,25 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=False)
         self.running_loss.add_(loss_sum.detach())  # a NaN or Inf stays in it until check_finite reads it
+
+    def graph_bodies(self, batches: Any) -> None:
+        """trainer.steps_per_graph optimizer steps, one per stacked batch, captured as one graph."""
+        for s in range(self.steps_per_graph):
+            self.graph_body(step_slice(batches, s))
+
+    def steps_in_one_launch(self, batches: Any) -> int:
+        """trainer.steps_per_graph where that many steps fit before the end of the epoch and of
+        the run and all use one lr (it is set between launches); otherwise 1."""
+        n = self.steps_per_graph
+        if n == 1 or not isinstance(batches, loaders.ResidentEpoch):
+            return 1
+        left = min(batches.full_batches_left(), self.batches_per_epoch - self.state.batch_in_epoch,
+                   self.total_steps - self.state.step)
+        return n if left >= n and self.schedule.constant_for(n) else 1
+
+    def passed_multiple(self, every: int, steps: int) -> bool:
+        """Whether the last ``steps`` optimizer steps reached a multiple of ``every`` (0: never)."""
+        return every > 0 and self.state.step // every != (self.state.step - steps) // every
 
     def finish_step(self, units: int) -> None:
         self.schedule.step()  # also after a skipped step: the lr stays a function of the step count

@@ -61,6 +61,11 @@ def validate(cfg: DictConfig) -> None:
         raise UserError(f"trainer.eval_batch_size={t.eval_batch_size} must be > 0 (or null)")
     if str(t.precision) not in ("32", "tf32", "bf16", "16"):
         raise UserError(f"trainer.precision={t.precision!r} is not known; allowed: 32, tf32, bf16, 16")
+    if t.steps_per_graph < 1:
+        raise UserError(f"trainer.steps_per_graph={t.steps_per_graph} must be >= 1")
+    if t.steps_per_graph > 1 and not (t.cuda_graph and t.data_on_device):
+        raise UserError(f"trainer.steps_per_graph={t.steps_per_graph} needs trainer.cuda_graph=true and "
+                        "trainer.data_on_device=true (the batches of a launch are cut on the device)")
     if t.gradient_clip_val < 0:
         raise UserError(f"trainer.gradient_clip_val={t.gradient_clip_val} must be >= 0")
     if t.progress not in ("auto", "rich", "plain", "none"):
