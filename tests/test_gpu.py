@@ -62,7 +62,7 @@ def test_cuda_graph_char_lstm_carries_state_like_eager(tmp_path):
 
 def test_iwae_paper_defaults_to_the_captured_step_on_a_gpu():
     t = compose("experiment=iwae_paper", "device=gpu").trainer
-    assert t.cuda_graph is True and t.data_on_device is True and t.compile is True
+    assert t.cuda_graph is True and t.data_on_device is True and t.compile is True and t.steps_per_graph == 10
     assert compose("experiment=iwae_paper", "device=cpu").trainer.cuda_graph is False
 
 
