@@ -275,6 +275,9 @@ class Trainer:
                             self.scaler.scale(loss_sum.float()).backward()
                         window_loss += loss_sum.detach().double()
                         window_units += units
+                        # Let this step's autograd graph go now: a CUDA-graph capture later in the
+                        # run must not find its gradient accumulators alive on another stream.
+                        del loss_sum
                         if not steps_now:
                             continue
                         if not self.optimizer_step(window_loss, window_units, first_bad_step):
