@@ -16,17 +16,24 @@ def weights(run_dir):
     return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True, map_location="cpu")["model"]
 
 
+def same_training(tmp_path, common, changed, rtol, atol):
+    """Run ``common`` and ``common + changed``; assert the final weights agree; return both run folders."""
+    code, first = run_in_process(tmp_path / "first", *common)
+    assert code == 0
+    code, second = run_in_process(tmp_path / "second", *common, *changed)
+    assert code == 0
+    a, b = weights(first), weights(second)
+    for name in a:
+        torch.testing.assert_close(b[name].float(), a[name].float(), rtol=rtol, atol=atol)
+    return first, second
+
+
 def test_cuda_graph_step_equals_eager_step(tmp_path):
     # 250 samples at batch 16: 15 captured steps and an odd last batch run eagerly, each epoch.
     common = ("experiment=regression", "device=gpu", "trainer.progress=none", "optim=adam", "optim.lr=0.01",
               "dataset.n_train=250", "trainer.max_epochs=3", "trainer.gradient_clip_val=1.0")
-    code, eager = run_in_process(tmp_path / "eager", *common)
-    assert code == 0
-    code, graph = run_in_process(tmp_path / "graph", *common, "trainer.cuda_graph=true", "trainer.data_on_device=true")
-    assert code == 0
-    a, b = weights(eager), weights(graph)
-    for name in a:
-        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5)
+    _, graph = same_training(tmp_path, common, ("trainer.cuda_graph=true", "trainer.data_on_device=true"),
+                             rtol=1e-4, atol=1e-5)
     s = json.loads((graph / "summary.json").read_text())
     assert s["steps"] == 3 * 16 and s["samples_seen"] == 750
 
@@ -51,13 +58,7 @@ def test_bf16_channels_last_densenet(tmp_path):
 def test_cuda_graph_char_lstm_carries_state_like_eager(tmp_path):
     common = ("experiment=char_lstm", "device=gpu", "trainer.progress=none", "trainer.max_epochs=1",
               "trainer.max_steps=40", "trainer.log_every_n_steps=10", "model.sample_length=20")
-    code, eager = run_in_process(tmp_path / "eager", *common)
-    assert code == 0
-    code, graph = run_in_process(tmp_path / "graph", *common, "trainer.cuda_graph=true")
-    assert code == 0
-    a, b = weights(eager), weights(graph)
-    for name in a:
-        torch.testing.assert_close(b[name], a[name], rtol=1e-3, atol=1e-4)
+    same_training(tmp_path, common, ("trainer.cuda_graph=true",), rtol=1e-3, atol=1e-4)
 
 
 def test_iwae_paper_defaults_to_the_captured_step_on_a_gpu():
@@ -72,16 +73,11 @@ def test_cuda_graph_densenet_with_batchnorm_trains_like_eager(tmp_path):
     common = ("experiment=focal_densenet", "device=gpu", "trainer.progress=none", "trainer.max_epochs=2",
               "dataset.n_train=256", "dataset.n_val=128", "dataset.n_test=128", "dataset.image_size=32",
               "optim=sgd", "optim.lr=0.05", "optim.momentum=0.9", "trainer.deterministic=true")
-    code, eager = run_in_process(tmp_path / "eager", *common)
-    assert code == 0
-    code, graph = run_in_process(tmp_path / "graph", *common, "trainer.cuda_graph=true")
-    assert code == 0
+    # The weights compared include BatchNorm's running statistics, updated inside the graph too.
+    eager, graph = same_training(tmp_path, common, ("trainer.cuda_graph=true",), rtol=1e-3, atol=1e-4)
+    assert any("running_mean" in name for name in weights(eager))
     a, b = (json.loads((d / "summary.json").read_text())["metrics"] for d in (eager, graph))
     assert b["test/loss"] == pytest.approx(a["test/loss"], rel=1e-3)
-    wa, wb = weights(eager), weights(graph)
-    assert any("running_mean" in name for name in wa)
-    for name in wa:  # BatchNorm running statistics are updated inside the graph too
-        torch.testing.assert_close(wb[name].float(), wa[name].float(), rtol=1e-3, atol=1e-4)
 
 
 def test_jpegs_decoded_by_nvjpeg_match_the_cpu_decoder(tmp_path):
@@ -130,13 +126,7 @@ def test_several_steps_per_graph_launch_train_like_one(tmp_path):
     common = ("experiment=regression", "device=gpu", "trainer.progress=none", "optim=adam", "optim.lr=0.01",
               "dataset.n_train=250", "trainer.max_epochs=3", "schedule=step", "trainer.cuda_graph=true",
               "trainer.data_on_device=true", "trainer.log_every_n_steps=5")
-    code, one = run_in_process(tmp_path / "one", *common)
-    assert code == 0
-    code, four = run_in_process(tmp_path / "four", *common, "trainer.steps_per_graph=4")
-    assert code == 0
-    a, b = weights(one), weights(four)
-    for name in a:
-        torch.testing.assert_close(b[name], a[name], rtol=1e-6, atol=1e-7)
+    one, four = same_training(tmp_path, common, ("trainer.steps_per_graph=4",), rtol=1e-6, atol=1e-7)
     s1, s4 = (json.loads((d / "summary.json").read_text()) for d in (one, four))
     assert s4["steps"] == s1["steps"] == 48 and s4["samples_seen"] == 750
     assert s4["metrics"]["test/loss"] == pytest.approx(s1["metrics"]["test/loss"], rel=1e-6)
