@@ -109,6 +109,24 @@ def import_lightning():
     return None
 
 
+def lightning_module(L, net: torch.nn.Module, loss: Callable[[torch.nn.Module, Any], torch.Tensor],
+                     optimizer: Callable[[Any], torch.optim.Optimizer]):
+    """A LightningModule training ``net`` with ``loss(net, batch)`` and ``optimizer(parameters)``."""
+
+    class Module(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+
+        def training_step(self, batch, _):
+            return loss(self.net, batch)
+
+        def configure_optimizers(self):
+            return optimizer(self.parameters())
+
+    return Module()
+
+
 def lightning_rate(L, module, loader, device: torch.device, steps: int, warmup: int, precision: str) -> float:
     """Optimizer steps per second of Lightning's Trainer.fit, timed between two global steps
     (after ``warmup``) by a callback that synchronises before reading the clock."""

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from common import device_ceilings, import_lightning, lightning_rate, rate, run_runner, steady_rate, sync, table
+from common import (device_ceilings, import_lightning, lightning_module, lightning_rate, rate, run_runner, steady_rate,
+                    sync, table)
 
 SIZE, BATCH, EVAL_BATCH, N = 224, 64, 256, 2048
 
@@ -68,21 +69,12 @@ def lightning(dataset: TensorDataset, device: torch.device, steps: int, precisio
     if L is None:
         return None
 
-    class Module(L.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = model(torch.device("cpu"))
-
-        def training_step(self, batch, _):
-            x, y = batch
-            return nn.functional.binary_cross_entropy_with_logits(self.net(x), y)
-
-        def configure_optimizers(self):
-            return torch.optim.Adam(self.parameters(), lr=1e-3)
-
+    module = lightning_module(L, model(torch.device("cpu")),
+                              lambda net, batch: nn.functional.binary_cross_entropy_with_logits(net(batch[0]), batch[1]),
+                              lambda params: torch.optim.Adam(params, lr=1e-3))
     loader = DataLoader(dataset, batch_size=BATCH, shuffle=True, drop_last=True, num_workers=4, pin_memory=True,
                         persistent_workers=True)
-    return lightning_rate(L, Module(), loader, device, steps, warmup=10, precision=precision) * BATCH
+    return lightning_rate(L, module, loader, device, steps, warmup=10, precision=precision) * BATCH
 
 
 def runner_train(steps: int, *extra: str) -> float:

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from common import ROOT, device_ceilings, import_lightning, lightning_rate, rate, run_runner, steady_rate, table
+from common import (ROOT, device_ceilings, import_lightning, lightning_module, lightning_rate, rate, run_runner,
+                    steady_rate, table)
 
 BATCH, K, LATENT = 20, 50, 50
 
@@ -84,20 +85,13 @@ def lightning(pixels: torch.Tensor, device: torch.device, steps: int) -> float |
     from runner.losses.iwae import IWAE
     from runner.models.vae import VAE
 
-    class Module(L.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model, self.bound = VAE(x_dim=784, latent_dims=[LATENT], hidden_dims=[[200, 200]]), IWAE(k=K)
-
-        def training_step(self, batch, _):
-            x = torch.bernoulli(batch[0])
-            return self.bound(self.model(x, K)).mean()
-
-        def configure_optimizers(self):
-            return torch.optim.Adam(self.parameters(), lr=1e-3, eps=1e-4)
+    bound = IWAE(k=K)
+    module = lightning_module(L, VAE(x_dim=784, latent_dims=[LATENT], hidden_dims=[[200, 200]]),
+                              lambda net, batch: bound(net(torch.bernoulli(batch[0]), K)).mean(),
+                              lambda params: torch.optim.Adam(params, lr=1e-3, eps=1e-4))
 
     loader = DataLoader(TensorDataset(pixels), batch_size=BATCH, shuffle=True, drop_last=True)
-    return lightning_rate(L, Module(), loader, device, steps, warmup=100, precision="32-true")
+    return lightning_rate(L, module, loader, device, steps, warmup=100, precision="32-true")
 
 
 def runner_rate(mnist_root: str, steps: int, *extra: str) -> float:

@@ -58,7 +58,8 @@ def pipeline_rate(csv: str, folder: Path, decode: str, workers: int, device: tor
 
     dataset = multilabel_csv.build(csv=csv, image_dir=str(folder), image_size=SIZE, decode=decode).train
     move = loaders.batch_mover(dataset, None, device)
-    loader = loaders._loader(dataset, range(len(dataset)), BATCH, num_workers=workers, pin=True)
+    loader = loaders.eval_loader(dataset, batch_size=BATCH, rank=0, world=1, prebatched=False, num_workers=workers,
+                                 pin=True)
     for i, batch in enumerate(loader):  # warm-up: worker start, nvJPEG handles, cuDNN-free resize kernels
         move(batch)
         if i == 2:

@@ -186,7 +186,7 @@ def jpeg_and_png_folder(tmp_path: Path, n: int, same_size: bool = False) -> tupl
 
 
 def _batches_on(dataset, batch_size: int, device: torch.device) -> list:
-    loader = loaders._loader(dataset, range(len(dataset)), batch_size, num_workers=0, pin=False)
+    loader = loaders.eval_loader(dataset, batch_size=batch_size, rank=0, world=1, prebatched=False)
     move = loaders.batch_mover(dataset, None, device)
     return [move(batch) for batch in loader]
 
@@ -215,10 +215,9 @@ def test_csv_decode_on_device_equals_workers_and_pillow(tmp_path, same_size):
         torch.testing.assert_close(b, a, rtol=0, atol=0)
         assert torch.equal(labels_a, labels_b) and a.dtype == torch.float32
         for image in a:
-            pillow = torch.tensor(list(Image.open(folder / f"{seen}.{'png' if seen % 3 == 0 else 'jpg'}")
-                                       .convert("RGB").getdata()), dtype=torch.uint8)
-            size = Image.open(folder / f"{seen}.{'png' if seen % 3 == 0 else 'jpg'}").size
-            pillow = pillow.T.reshape(3, size[1], size[0])
+            opened = Image.open(folder / f"{seen}.{'png' if seen % 3 == 0 else 'jpg'}").convert("RGB")
+            width, height = opened.size
+            pillow = torch.tensor(list(opened.getdata()), dtype=torch.uint8).T.reshape(3, height, width)
             reference = (resize(pillow, [32, 32], antialias=True).float() / 255 - mean) / std
             # Pillow's libjpeg and torchvision's libjpeg-turbo may round an IDCT differently.
             assert (image - reference).abs().max() <= 3 / 255 / 0.225

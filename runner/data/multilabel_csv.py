@@ -26,6 +26,7 @@ std (the statistics DenseNet121's ImageNet weights expect). Where that happens i
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -48,9 +49,15 @@ WORKERS_TO_DECODE = 8  # from this many DataLoader workers on, decode=auto decod
 _JPEG_START = b"\xff\xd8\xff"
 
 
+@functools.lru_cache(maxsize=None)
+def _stats_on(device: torch.device) -> tuple[Tensor, Tensor]:
+    # Copied once per device: a copy from pageable memory per batch would wait for the GPU.
+    return _MEAN.to(device), _STD.to(device)
+
+
 def normalise(images: Tensor) -> Tensor:
     """8-bit RGB images [B, 3, S, S] as the float inputs the ImageNet weights expect."""
-    mean, std = _MEAN.to(images.device), _STD.to(images.device)
+    mean, std = _stats_on(images.device)
     return (images.float() / 255 - mean) / std
 
 

@@ -150,7 +150,9 @@ class Trainer:
                 raise UserError(reason)
         self.optimizer = build_optimizer(self.params, cfg.optim, ctx.device, capturable=t.cuda_graph)
         self.device_batches = loaders.resident(bundle.train, ctx.device) if t.data_on_device else None
-        self.move_batch = loaders.batch_mover(bundle.train, ctx.to_device, ctx.device)
+        # Resident batches are cut on the device already: nothing to move on the per-step path.
+        self.move_batch = ((lambda batch: batch) if self.device_batches is not None
+                           else loaders.batch_mover(bundle.train, ctx.to_device, ctx.device))
         self.batches_per_epoch = loaders.train_batches_per_epoch(bundle.train, t.batch_size, ctx.world_size, bundle.prebatched)
         if t.limit_train_batches > 0:
             self.batches_per_epoch = min(self.batches_per_epoch, t.limit_train_batches)
@@ -358,8 +360,8 @@ class Trainer:
     def steps_in_one_launch(self, batches: Any) -> int:
         """trainer.steps_per_graph where that many steps fit before the end of the epoch and of
         the run and all use one lr (it is set between launches); otherwise 1."""
-        n = self.steps_per_graph
-        if n == 1 or not isinstance(batches, loaders.ResidentEpoch):
+        n = self.steps_per_graph  # > 1 only with data_on_device (run.validate): batches is a ResidentEpoch
+        if n == 1:
             return 1
         left = min(batches.full_batches_left(), self.batches_per_epoch - self.state.batch_in_epoch,
                    self.total_steps - self.state.step)
