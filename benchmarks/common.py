@@ -66,22 +66,15 @@ def rate(fn: Callable[[int], None], steps: int, warmup: int, device: torch.devic
 
 
 def run_runner(*overrides: str) -> tuple[dict, list[dict]]:
-    """Run ``python -m runner <overrides>`` in this process; (summary.json, metrics.jsonl rows)."""
-    from hydra import compose, initialize_config_dir
+    """Run ``python -m runner <overrides>`` in this process (runner's Python API); (summary.json,
+    metrics.jsonl rows)."""
+    from runner import run
 
-    from runner.config import register_configs, register_resolvers
-    from runner.engine.run import run
-
-    register_configs()
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-        cfg = compose("config", overrides=list(overrides))
-    run_dir = Path(tempfile.mkdtemp(prefix="bench-run-"))
-    code = run(cfg, run_dir)
-    if code != 0:
-        raise RuntimeError(f"runner exited with {code}: {json.loads((run_dir / 'summary.json').read_text())['error']}")
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return json.loads((run_dir / "summary.json").read_text()), rows
+    summary = run([*overrides, f"output_root={tempfile.mkdtemp(prefix='bench-run-')}"])
+    if summary["exit_code"] != 0:
+        raise RuntimeError(f"runner exited with {summary['exit_code']}: {summary.get('error')}")
+    rows = [json.loads(line) for line in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    return summary, rows
 
 
 def steady_rate(rows: list[dict], unit: str, skip: int = 1) -> float:

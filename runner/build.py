@@ -1,7 +1,13 @@
 """Instantiate a config node (``_target_`` plus keyword arguments), checking its keys first.
 
 The target's signature is the schema of a group option: a key the target does not take, or a
-value of the wrong type, fails at start-up with the key named and the allowed keys listed.
+value of the wrong type, fails at start-up with the key named and the allowed keys listed. A
+target that takes ``**kwargs`` (``torchvision.models.resnet18``, a user's module) accepts any
+further key: those pass through unchecked. Values the code supplies (``extra``, such as the
+number of labels) are passed only to targets whose signature names them.
+
+``_partial_: true`` (lightning-hydra-template's way of keeping an optimizer's parameters out of
+the config) is accepted and means nothing more here: the code always supplies such arguments.
 """
 from __future__ import annotations
 
@@ -15,13 +21,22 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from runner.errors import UserError
 
+RESERVED = ("_target_", "_partial_")
+
 
 def locate(path: str) -> Any:
-    module, _, name = path.rpartition(".")
+    module, _, name = str(path).rpartition(".")
     try:
         return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
+    except (ImportError, AttributeError, ValueError) as e:
         raise UserError(f"_target_ '{path}' cannot be imported: {e}") from None
+
+
+def plain(node: Any) -> dict[str, Any]:
+    """A config node as a plain dict, interpolations resolved."""
+    if isinstance(node, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(node, resolve=True)
+    return dict(node)
 
 
 def _type_ok(value: Any, annotation: Any) -> bool:
@@ -49,28 +64,53 @@ def _type_name(annotation: Any) -> str:
     return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
 
 
-def build(node: DictConfig | dict, group: str, **extra: Any) -> Any:
-    """Call ``node._target_`` with the node's keys plus ``extra`` (values the code supplies,
-    such as the number of labels). ``group`` is the config path used in messages."""
-    params = OmegaConf.to_container(node, resolve=True) if isinstance(node, (DictConfig, ListConfig)) else dict(node)
+def _hints(target: Any) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(target.__init__ if inspect.isclass(target) else target)
+    except Exception:  # a library's annotations that do not resolve here: check names only
+        return {}
+
+
+def checked_kwargs(node: Any, group: str, extra: dict[str, Any] | None = None,
+                   own_keys: tuple[str, ...] = (), fill: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
+    """(target, keyword arguments) of a node, after checking its keys against the target's
+    signature. ``own_keys`` are keys runner reads itself (``interval`` of a schedule); they are
+    left out of the arguments. ``fill`` holds values for keys the node leaves out (a schedule's
+    run length), passed where the signature names them."""
+    extra = extra or {}
+    params = {k: v for k, v in plain(node).items() if k not in own_keys}
+    extra = {**{k: v for k, v in (fill or {}).items() if k not in params}, **extra}
     target_path = params.pop("_target_", None)
+    params.pop("_partial_", None)
     if target_path is None:
         raise UserError(f"{group} has no _target_: choose an option of the '{group}' group")
     target = locate(target_path)
-    signature = inspect.signature(target)
-    hints = typing.get_type_hints(target.__init__ if inspect.isclass(target) else target)
+    try:
+        signature = inspect.signature(target)
+    except (TypeError, ValueError):  # a builtin without a signature: pass everything
+        return target, {**params, **extra}
+    takes_any = any(p.kind == p.VAR_KEYWORD for p in signature.parameters.values())
     accepted = {n: p for n, p in signature.parameters.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    hints = _hints(target)
     user_keys = sorted(accepted.keys() - extra.keys())
     for key, value in params.items():
         if key not in accepted:
-            raise UserError(f"unknown key '{group}.{key}'; allowed keys of {group}: {', '.join(user_keys)}")
+            if takes_any:
+                continue
+            allowed = ", ".join(sorted({*user_keys, *own_keys})) or "(none)"
+            raise UserError(f"unknown key '{group}.{key}'; allowed keys of {group}: {allowed}")
         annotation = hints.get(key, accepted[key].annotation)
         if not _type_ok(value, annotation):
-            raise UserError(
-                f"{group}.{key}={value!r} has the wrong type: expected {_type_name(annotation)}"
-            )
-    missing = [n for n, p in accepted.items() if p.default is p.empty and n not in params and n not in extra]
+            raise UserError(f"{group}.{key}={value!r} has the wrong type: expected {_type_name(annotation)}")
+    missing = [n for n, p in accepted.items()
+               if p.default is p.empty and n not in params and n not in extra and p.kind != p.POSITIONAL_ONLY]
     if missing:
         raise UserError(f"missing required value: {', '.join(group + '.' + m for m in missing)}")
-    kwargs = {**params, **{k: v for k, v in extra.items() if k in accepted}}
+    return target, {**params, **{k: v for k, v in extra.items() if k in accepted}}
+
+
+def build(node: Any, group: str, **extra: Any) -> Any:
+    """Call ``node._target_`` with the node's keys plus ``extra`` (values the code supplies,
+    such as the number of labels). ``group`` is the config path used in messages."""
+    target, kwargs = checked_kwargs(node, group, extra)
     return target(**kwargs)

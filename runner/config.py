@@ -10,12 +10,16 @@ import tempfile
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue, ValidationError
 
 from runner.errors import UserError
+
+# An absolute path: relative ones are resolved differently under `python -m` and the console script.
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
 class Strategy(Enum):
@@ -30,29 +34,20 @@ class Mode(Enum):
     eval = "eval"
 
 
-class OptimizerName(Enum):
-    adam = "adam"
-    adamw = "adamw"
-    sgd = "sgd"
-
-
-class ScheduleName(Enum):
-    constant = "constant"
-    step = "step"
-    cosine = "cosine"
-    iwae_paper = "iwae_paper"
-
-
 class MonitorMode(Enum):
     min = "min"
     max = "max"
 
 
-PRECISIONS = ("32", "bf16", "16")
+PRECISIONS = ("32", "tf32", "bf16", "16")
+PROGRESS = ("auto", "rich", "plain", "none")
+LOGGERS = ("csv", "tensorboard")
 
 
 @dataclass
 class TrainerConfig:
+    """The loop's settings: group ``trainer``, option ``default`` (this class is that option)."""
+
     max_epochs: Optional[int] = 1  # None: as long as the schedule says (schedule=iwae_paper)
     max_steps: int = -1  # optimizer steps; -1 = no limit
     batch_size: int = 32
@@ -80,6 +75,8 @@ class TrainerConfig:
 
 @dataclass
 class DeviceConfig:
+    """Where the run goes: group ``device`` (options auto, cpu, gpu, ddp set ``strategy``)."""
+
     strategy: Strategy = Strategy.auto
     devices: int = 1  # processes for ddp (0 = one per visible GPU)
     index: int = 0  # CUDA device index for strategy=gpu
@@ -88,34 +85,16 @@ class DeviceConfig:
 
 
 @dataclass
-class OptimConfig:
-    name: OptimizerName = OptimizerName.adam
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-    momentum: float = 0.9  # sgd
-    nesterov: bool = False  # sgd
-
-
-@dataclass
-class ScheduleConfig:
-    name: ScheduleName = ScheduleName.constant
-    step_gamma: float = 0.1  # step: lr x step_gamma every step_epochs epochs
-    step_epochs: int = 1
-    warmup_steps: int = 0  # linear warm-up, all schedules
-    min_lr_ratio: float = 0.0  # cosine: final lr / initial lr
-    last_stage: int = 7  # iwae_paper: stages 0..last_stage, 3^i passes each
-
-
-@dataclass
 class Config:
+    """The whole run. dataset, model, loss, optim and schedule are ``_target_`` nodes, typed by
+    their target's signature (runner/build.py) instead of a dataclass."""
+
     dataset: Any = MISSING
     model: Any = MISSING
     loss: Any = MISSING
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    optim: Any = MISSING  # any torch.optim class (runner/optim.py)
+    schedule: Any = MISSING  # any torch.optim.lr_scheduler class (runner/schedule.py)
+    trainer: TrainerConfig = MISSING
     device: DeviceConfig = field(default_factory=DeviceConfig)
     name: str = "run"  # experiment name, part of the run folder's name
     mode: Mode = Mode.train
@@ -125,8 +104,23 @@ class Config:
     logger: str = "csv"  # csv | tensorboard
 
 
+def typed(cfg: DictConfig) -> Config:
+    """The composed config as typed objects, interpolations resolved: the Hydra config stops
+    here. (Merging into the schema first gives a saved config, read back by resume=, its types.)"""
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), cfg))
+    except MissingMandatoryValue as e:
+        raise UserError(f"missing required value: {e.full_key} (set it on the command line: {e.full_key}=...)") from None
+    except (InterpolationResolutionError, ValidationError) as e:
+        key = getattr(e, "full_key", None)
+        raise UserError((f"{key}: " if key else "") + str(e).splitlines()[0]) from None
+
+
 def register_configs() -> None:
-    ConfigStore.instance().store(name="runner_schema", node=Config)
+    store = ConfigStore.instance()
+    store.store(name="runner_schema", node=Config)
+    # The trainer's defaults live in TrainerConfig alone: the dataclass is the group's option.
+    store.store(group="trainer", name="default", node=TrainerConfig)
 
 
 # --- run folders ---------------------------------------------------------------------------

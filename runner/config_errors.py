@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 from omegaconf import OmegaConf
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+from runner.config import CONF_DIR
+
 _NOISE = ("Set the environment variable HYDRA_FULL_ERROR", "object_type=", "reference_type=")
 _UNKNOWN_KEY = ("is not in struct", "not in '")
 

@@ -1,12 +1,38 @@
-"""Errors that are the user's to fix: they exit with code 2 and one clear message, no traceback."""
+"""Exceptions that end a run, and the exit code each one means.
 
-
-class UserError(Exception):
-    """Bad config or bad input. The message names the key, file, row or option and what is allowed."""
-
+0 completed; 1 failed at run time; 2 bad config or bad input; 130 / 143 interrupted by SIGINT / SIGTERM.
+"""
+import signal
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USER_ERROR = 2
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
+
+
+class UserError(Exception):
+    """Bad config or bad input: exit 2 with one message that names the key, file, row or option
+    and what is allowed, no traceback."""
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM arrived: the loop finished its step and wrote a checkpoint."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_SIGINT if self.signum == signal.SIGINT else EXIT_SIGTERM
+
+
+class NonFiniteLoss(RuntimeError):
+    """The training loss became NaN or Inf (a run-time failure, exit 1)."""
+
+
+class JobFailed(Exception):
+    """A sweep job that did not complete. Hydra's launchers record it with the job, run the
+    other jobs of the sweep, and then raise it in the sweep's own process (also for jobs that a
+    parallel launcher ran in others): the sweep exits 1, and summary.csv says which jobs failed."""

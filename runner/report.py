@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from runner import plots
-from runner.engine.files import atomic_write_text
+from runner.files import atomic_write_text
 from runner.sweep import write_summary_csv
 
 SEED_KEY = "trainer.seed"

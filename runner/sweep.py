@@ -9,7 +9,7 @@ import pandas as pd
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from runner.engine.files import atomic_write_text
+from runner.files import atomic_write_text
 
 
 def job_row(job_dir: Path) -> dict[str, Any]:
@@ -49,11 +49,6 @@ def write_summary_csv(sweep_dir: Path) -> pd.DataFrame:
     return table
 
 
-# Jobs of the last sweep that did not complete; read by the entry point for its exit code
-# (jobs of a parallel launcher run in other processes, so their exit codes are not at hand).
-last_sweep_failures: list[str] = []
-
-
 class SummaryCSVCallback(Callback):
     """Rewrites summary.csv after each job (so a killed sweep keeps its finished rows) and at the
     end. Jobs run by a parallel launcher call on_job_end in their own processes; the file is
@@ -65,5 +60,4 @@ class SummaryCSVCallback(Callback):
             write_summary_csv(Path(sweep_dir))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        table = write_summary_csv(Path(config.hydra.sweep.dir))
-        last_sweep_failures[:] = [str(j) for j in table.loc[table["status"] != "completed", "job"]] if len(table) else []
+        write_summary_csv(Path(config.hydra.sweep.dir))

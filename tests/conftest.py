@@ -26,8 +26,9 @@ def require(path: Path) -> Path:
     return path
 
 
-def compose(*overrides: str):
-    """The composed config, as `python -m runner <overrides>` would see it (hydra keys removed)."""
+def compose(*overrides: str, with_hydra: bool = False):
+    """The composed config, as `python -m runner <overrides>` would see it (hydra keys removed
+    unless ``with_hydra``)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
@@ -36,17 +37,23 @@ def compose(*overrides: str):
     register_configs()
     register_resolvers()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-        return hydra_compose("config", overrides=list(overrides))
+        return hydra_compose("config", overrides=list(overrides), return_hydra_config=with_hydra)
 
 
 def run_in_process(tmp_path: Path, *overrides: str) -> tuple[int, Path]:
     """Run a job in this process (faster than the CLI); returns (exit code, run folder)."""
+    from omegaconf import OmegaConf, open_dict
+
+    from runner.config import typed
     from runner.engine.run import run
 
-    cfg = compose(*overrides)
+    cfg = compose(*overrides, with_hydra=True)
+    choices = OmegaConf.to_container(cfg.hydra.runtime.choices)
+    with open_dict(cfg):
+        del cfg["hydra"]
     run_dir = tmp_path / "run"
     run_dir.mkdir(parents=True, exist_ok=True)
-    return run(cfg, run_dir), run_dir
+    return run(typed(cfg), run_dir, choices), run_dir
 
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None):

@@ -40,7 +40,7 @@ def test_presets_compose_with_char_rnn_defaults():
     assert model["_target_"] == "runner.models.char_lstm.CharLSTM"
     assert (model["num_layers"], model["hidden_size"], model["dropout"], model["impl"]) == (2, 128, 0.0, "torch")
     assert cfg["loss"]["_target_"] == "runner.losses.charlm.TokenCrossEntropy"
-    assert cfg["optim"]["name"] == "adam" and cfg["optim"]["lr"] == 2e-3
+    assert cfg["optim"]["_target_"] == "torch.optim.Adam" and cfg["optim"]["lr"] == 2e-3
     assert (trainer["gradient_clip_val"], trainer["monitor"], trainer["monitor_mode"]) == (5, "val/bpc", "min")
     shakespeare = _plain("experiment=char_lstm_shakespeare", "trainer.batch_size=32")
     assert shakespeare["dataset"]["path"] == "data/tinyshakespeare/input.txt"

@@ -47,7 +47,7 @@ def test_iwae_paper_preset_composes_the_papers_settings():
     import yaml
 
     cfg = yaml.safe_load(done.stdout)
-    assert cfg["schedule"]["name"] == "iwae_paper" and cfg["trainer"]["max_epochs"] is None
+    assert cfg["schedule"]["_target_"] == "runner.schedule.IWAEPaperLR" and cfg["trainer"]["max_epochs"] is None
     assert cfg["trainer"]["batch_size"] == 20 and cfg["optim"]["eps"] == 1e-4
     assert cfg["dataset"]["n_val"] == 0 and cfg["loss"]["k"] == 50 and cfg["loss"]["eval_k"] == 5000
     # The captured-step path is the default only where it can run: one GPU (tests/test_gpu.py).

@@ -11,7 +11,8 @@ from omegaconf import OmegaConf
 from runner.build import build
 from runner.data.binarized import silhouettes
 from runner.errors import UserError
-from runner.families.density import DensityFamily, build as build_family
+from runner.families.density import DensityFamily
+from runner.families.density import build as density_family
 from runner.losses.iwae import DReG, IWAE, iwae_bound
 from runner.metrics.density import DensityEvaluator, chunk_for_budget
 from runner.models.vae import VAE
@@ -188,9 +189,12 @@ def test_bad_loss_settings_name_the_key(key, value):
 
 
 def family_config(loss="iwae", model="vae1"):
-    return OmegaConf.create({
-        "model": OmegaConf.load(f"conf/model/{model}.yaml"), "loss": OmegaConf.load(f"conf/loss/{loss}.yaml"),
-        "trainer": {"batch_size": 50, "eval_batch_size": None, "seed": 0}})
+    return OmegaConf.create({"model": OmegaConf.load(f"conf/model/{model}.yaml"),
+                             "loss": OmegaConf.load(f"conf/loss/{loss}.yaml")})
+
+
+def build_family(config, bundle):
+    return density_family(bundle, config.model, config.loss)
 
 
 @pytest.mark.parametrize("loss", ["elbo", "iwae", "dreg"])

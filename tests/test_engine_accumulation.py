@@ -115,16 +115,22 @@ def test_stacked_resident_batches_are_the_next_batches():
 
 
 def test_schedule_constant_for_counts_the_lr_changes_ahead():
-    from runner.config import OptimConfig, ScheduleConfig, ScheduleName
-    from runner.optim import build_optimizer, build_schedule
+    from omegaconf import OmegaConf
 
-    opt = build_optimizer([torch.nn.Parameter(torch.zeros(1))], OptimConfig())
-    schedule = build_schedule(opt, ScheduleConfig(name=ScheduleName.step, step_epochs=1), steps_per_epoch=10,
-                              total_steps=100)
-    assert schedule.constant_for(10) and not schedule.constant_for(11)  # the lr drops at step 10
-    for _ in range(8):
-        schedule.step()
-    assert schedule.constant_for(2) and not schedule.constant_for(3)
+    from runner.schedule import Schedule
+
+    opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))])
+    schedule = Schedule(opt, OmegaConf.load("conf/schedule/step.yaml"), steps_per_epoch=10, total_steps=100)
+    # Per epoch: the lr changes only between epochs, which launches never span.
+    assert schedule.constant_for(10)
+    per_step = Schedule(opt, OmegaConf.load("conf/schedule/cosine.yaml"), steps_per_epoch=10, total_steps=100)
+    assert per_step.constant_for(1) and not per_step.constant_for(2)
+    warming = Schedule(opt, OmegaConf.merge(OmegaConf.load("conf/schedule/step.yaml"), {"warmup_steps": 3}),
+                       steps_per_epoch=10, total_steps=100)
+    assert not warming.constant_for(2)
+    for _ in range(3):
+        warming.step_end()
+    assert warming.constant_for(5)
 
 
 def test_steps_per_graph_needs_the_captured_resident_path(tmp_path):

@@ -6,36 +6,71 @@ import math
 import pytest
 import torch
 
-from conftest import run_in_process
-from runner.config import ScheduleConfig, ScheduleName
-from runner.optim import iwae_paper_epochs, iwae_paper_stage, lr_multiplier
+from omegaconf import OmegaConf
+
+from conftest import ROOT, run_in_process
+from runner.schedule import Schedule, iwae_paper_epochs, iwae_paper_stage
+
+
+def schedule_lrs(option: str, steps: int, steps_per_epoch: int, total_steps: int, lr: float = 1.0, **overrides) -> list[float]:
+    """The lr of each of ``steps`` optimizer steps under conf/schedule/<option>.yaml, driven as the
+    loop drives it (step_end after every step, epoch_end after every epoch)."""
+    node = OmegaConf.merge(OmegaConf.load(ROOT / "conf" / "schedule" / f"{option}.yaml"), overrides)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    schedule = Schedule(optimizer, node, steps_per_epoch, total_steps)
+    lrs = []
+    for step in range(steps):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        schedule.step_end()
+        if (step + 1) % steps_per_epoch == 0:
+            schedule.epoch_end()
+    return lrs
 
 
 def test_step_decay_is_x0_1_per_epoch():
-    f = lr_multiplier(ScheduleConfig(name=ScheduleName.step), steps_per_epoch=10, total_steps=50)
-    assert [f(s) for s in (0, 9, 10, 19, 20, 35)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.001])
+    lrs = schedule_lrs("step", 36, steps_per_epoch=10, total_steps=50)
+    assert [lrs[s] for s in (0, 9, 10, 19, 20, 35)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.001])
 
 
 def test_cosine_endpoints_and_midpoint():
-    f = lr_multiplier(ScheduleConfig(name=ScheduleName.cosine, min_lr_ratio=0.1), steps_per_epoch=10, total_steps=100)
-    assert f(0) == pytest.approx(1.0)
-    assert f(50) == pytest.approx(0.1 + 0.9 * 0.5)
-    assert f(100) == pytest.approx(0.1)
+    lrs = schedule_lrs("cosine", 101, steps_per_epoch=10, total_steps=100, eta_min=0.1)
+    assert lrs[0] == pytest.approx(1.0)
+    assert lrs[50] == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lrs[25] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4)))
+    assert lrs[100] == pytest.approx(0.1)
 
 
 def test_warmup_is_linear():
-    f = lr_multiplier(ScheduleConfig(name=ScheduleName.constant, warmup_steps=4), steps_per_epoch=10, total_steps=100)
-    assert [f(s) for s in range(6)] == pytest.approx([0.25, 0.5, 0.75, 1, 1, 1])
+    lrs = schedule_lrs("constant", 6, steps_per_epoch=10, total_steps=100, warmup_steps=4)
+    assert lrs == pytest.approx([0.25, 0.5, 0.75, 1, 1, 1])
+
+
+def test_warmup_multiplies_the_schedule():
+    lrs = schedule_lrs("step", 14, steps_per_epoch=5, total_steps=20, warmup_steps=8)
+    assert lrs[3] == pytest.approx(4 / 8) and lrs[5] == pytest.approx(6 / 8 * 0.1) and lrs[10] == pytest.approx(0.01)
+
+
+def test_one_cycle_gets_the_run_length_and_matches_torch():
+    """OneCycleLR's total_steps is filled from the run; the lrs are torch's own."""
+    ours = schedule_lrs("one_cycle", 30, steps_per_epoch=10, total_steps=30, lr=0.01, max_lr=0.1)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01, momentum=0.9)
+    reference = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.1, total_steps=30, pct_start=0.3)
+    expected = []
+    for _ in range(30):
+        expected.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        reference.step()
+    assert ours == pytest.approx(expected, rel=1e-12)
 
 
 def test_iwae_paper_schedule_matches_the_paper():
     assert iwae_paper_epochs(7) == 3280
     # stage i covers 3^i passes: epochs 0 | 1-3 | 4-12 | 13-39 ...
     assert [iwae_paper_stage(e) for e in (0, 1, 3, 4, 12, 13, 39, 40, 3279)] == [0, 1, 1, 2, 2, 3, 3, 4, 7]
-    f = lr_multiplier(ScheduleConfig(name=ScheduleName.iwae_paper), steps_per_epoch=3000, total_steps=3280 * 3000)
-    for epoch, stage in ((0, 0), (2, 1), (12, 2), (3279, 7)):
-        assert f(epoch * 3000) == pytest.approx(10 ** (-stage / 7))
-    assert f(3279 * 3000) * 1e-3 == pytest.approx(1e-4)
+    lrs = schedule_lrs("iwae_paper", 41 * 3, steps_per_epoch=3, total_steps=3280 * 3, lr=1e-3)
+    for epoch, stage in ((0, 0), (2, 1), (12, 2), (13, 3), (40, 4)):
+        assert lrs[epoch * 3] == pytest.approx(1e-3 * 10 ** (-stage / 7))
+    assert 1e-3 * 10 ** (-iwae_paper_stage(3279) / 7) == pytest.approx(1e-4)
 
 
 def test_max_epochs_null_follows_the_schedule(tmp_path):
@@ -84,10 +119,10 @@ def test_tf32_is_set_per_run_and_evaluation_multiplies_in_full_fp32(tmp_path, mo
     unused), precision=32 turns them off again, and every evaluation runs with them off."""
     import contextlib
 
-    from runner.engine import loop
+    from runner.engine import evaluate
 
     flags_in_evaluation = []
-    real = loop.full_fp32_matmul
+    real = evaluate.full_fp32_matmul
 
     @contextlib.contextmanager
     def recording():
@@ -95,7 +130,7 @@ def test_tf32_is_set_per_run_and_evaluation_multiplies_in_full_fp32(tmp_path, mo
             flags_in_evaluation.append(torch.backends.cuda.matmul.allow_tf32)
             yield
 
-    monkeypatch.setattr(loop, "full_fp32_matmul", recording)
+    monkeypatch.setattr(evaluate, "full_fp32_matmul", recording)
     code, _ = run_in_process(tmp_path / "a", "experiment=regression", "trainer.progress=none", "trainer.precision=tf32")
     assert code == 0 and torch.backends.cuda.matmul.allow_tf32 is True  # restored after each evaluation
     assert len(flags_in_evaluation) >= 2 and not any(flags_in_evaluation)

@@ -33,7 +33,7 @@ def test_presets_compose(preset):
     assert done.returncode == 0, done.stderr[-2000:]
     cfg = yaml.safe_load(done.stdout)
     assert cfg["dataset"]["_target_"] == "runner.data.shapes.build"
-    assert cfg["model"]["_target_"] == "runner.models.densenet.densenet121"
+    assert cfg["model"]["_target_"] == "runner.models.torchvision_models.build" and cfg["model"]["name"] == "densenet121"
     assert cfg["trainer"]["monitor"] == "val/mAP" and cfg["trainer"]["monitor_mode"] == "max"
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import run_cli, run_in_process
-from runner.engine.files import atomic_write_json, atomic_write_text
+from runner.files import atomic_write_json, atomic_write_text
 
 
 def test_unwritable_output_folder_is_a_user_error(tmp_path):
@@ -44,7 +44,7 @@ def test_a_write_killed_midway_leaves_the_old_file(tmp_path, monkeypatch):
         f.write(b'{"status": "compl')  # half of the new file, then the process "dies"
         raise KeyboardInterrupt
 
-    from runner.engine import files
+    from runner import files
     with pytest.raises(KeyboardInterrupt):
         files.atomic_write(path, torn)
     assert json.loads(path.read_text()) == {"status": "running"}
@@ -54,7 +54,7 @@ def test_a_write_killed_midway_leaves_the_old_file(tmp_path, monkeypatch):
 
 
 def test_out_of_memory_message_suggests_accumulation():
-    from runner.engine.run import _runtime_message
+    from runner.engine.run import runtime_message as _runtime_message
 
     message = _runtime_message(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert "trainer.accumulate_grad_batches" in message and "trainer.batch_size" in message

@@ -3,7 +3,7 @@
 A step of IWAE at batch 20 launches a few hundred tiny kernels; eagerly, the CPU's launch time
 is the step time. Captured once, a step is one graph launch. The step is the same arithmetic as
 the eager loop (sum of per-unit losses, gradients divided by the unit count, clipping,
-optimizer): only how it is launched changes. Conditions (checked by ``graph_unsupported``): a
+optimizer, in runner/engine/step.py): only how it is launched changes. Conditions (``capture_unsupported``): a
 CUDA device, one process, ``accumulate_grad_batches=1``, and an optimizer whose state lives on
 the device (``capturable``). Batches of another shape (a smaller last batch) run eagerly.
 """
@@ -13,18 +13,6 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor
-
-
-def graph_unsupported(device: torch.device, world_size: int, accumulate: int, skip_nonfinite: bool) -> str | None:
-    if device.type != "cuda":
-        return "trainer.cuda_graph needs a CUDA device"
-    if world_size > 1:
-        return "trainer.cuda_graph runs in one process (not with device=ddp)"
-    if accumulate != 1:
-        return "trainer.cuda_graph needs trainer.accumulate_grad_batches=1"
-    if skip_nonfinite:
-        return "trainer.cuda_graph cannot skip non-finite steps (it never looks at the loss on the host)"
-    return None
 
 
 def _shape_key(batch: Any) -> Any:

@@ -25,7 +25,14 @@ class ProgressDisplay:
                 TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=self.console,
             )
             self.task = self.bar.add_task("train", total=total_steps, loss="-", rate="-")
+
+    def __enter__(self) -> "ProgressDisplay":
+        if self.bar is not None:
             self.bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def update(self, step: int, epoch: int, loss: float, rate: float) -> None:
         if self.mode == "rich" and self.bar is not None:

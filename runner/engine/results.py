@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from runner import plots
-from runner.engine.files import append_line, atomic_write_json
+from runner.files import append_line, atomic_write_json
 
 STATUSES = ("running", "completed", "failed", "interrupted")
 ROW_KEYS = ("epoch", "step", "split")  # where a row sits, not what it measured
@@ -91,13 +91,12 @@ class RunResults:
         if self.enabled:
             atomic_write_json(self.run_dir / "summary.json", self.summary)
 
-    def finish(self, cfg: Any) -> None:
+    def finish(self, title: str | None = None) -> None:
         """End of the run (any status): close loggers and draw the run's plots."""
         if self.writer is not None:
             self.writer.close()  # flushes the event file
             self.writer = None
         if self.enabled:
-            title = cfg.get("name") if hasattr(cfg, "get") else None
             plots.draw_safely("plots/curves.png", plots.plot_curves, self.run_dir / "metrics.jsonl",
                               self.run_dir / "plots" / "curves.png", title=title)
 

@@ -11,14 +11,18 @@ import math
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from typing import Any
+
 from torch import Tensor, nn
 
 from runner.build import build as build_node
 from runner.data.text import IGNORE_INDEX
 from runner.engine.family import DataBundle, Evaluator, Family
 from runner.errors import UserError
+from runner.families import Accepts
 from runner.losses.charlm import TokenCrossEntropy
+
+ACCEPTS = Accepts(datasets=("runner.data.text.",), models=("runner.models.char_lstm.",), losses=("runner.losses.charlm.",))
 
 State = tuple[Tensor, Tensor]
 
@@ -130,12 +134,12 @@ class CharLMFamily(Family):
             f.write(header + self.sample_text() + "\n\n")
 
 
-def build(cfg: DictConfig, bundle: DataBundle) -> CharLMFamily:
+def build(bundle: DataBundle, model: Any, loss: Any, seed: int = 0) -> CharLMFamily:
     vocab: list[str] = list(bundle.info["vocab"])
-    model = build_node(cfg.model, "model", vocab_size=len(vocab))
+    model = build_node(model, "model", vocab_size=len(vocab))
     if not hasattr(model, "sample"):
-        raise UserError(f"model={cfg.model.get('_target_')} is not a char-LM: use model=char_lstm")
-    loss = build_node(cfg.loss, "loss")
+        raise UserError(f"model {type(model).__name__} is not a char-LM (it has no sample()): use model=char_lstm")
+    loss = build_node(loss, "loss")
     if not isinstance(loss, TokenCrossEntropy):
-        raise UserError(f"loss={cfg.loss.get('_target_')} does not apply to the char-LM: use loss=cross_entropy")
-    return CharLMFamily(model, loss, vocab, seed=int(cfg.trainer.get("seed", 0) or 0))
+        raise UserError(f"loss {type(loss).__name__} does not apply to the char-LM: use loss=cross_entropy")
+    return CharLMFamily(model, loss, vocab, seed=seed)

@@ -12,15 +12,19 @@ import logging
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from typing import Any
+
 from torch import Tensor
 
 from runner.build import build as build_node
 from runner.engine.family import DataBundle, Family
+from runner.errors import UserError
+from runner.families import Accepts
 from runner.losses.iwae import ImportanceBound
 from runner.metrics.density import DensityEvaluator
 from runner.models.vae import VAE
-from runner.errors import UserError
+
+ACCEPTS = Accepts(datasets=("runner.data.binarized.",), models=("runner.models.vae.",), losses=("runner.losses.iwae.",))
 
 log = logging.getLogger(__name__)
 PLOT_SEED = 0
@@ -92,12 +96,10 @@ def write_samples_plot(model: VAE, test_set, image_shape: tuple[int, int], path:
     return True
 
 
-def build(cfg: DictConfig, bundle: DataBundle) -> DensityFamily:
-    if bundle.family != "density":
-        raise UserError(f"dataset '{bundle.info.get('name', '?')}' is for the '{bundle.family}' family, "
-                        f"not 'density': choose a binarised image set (mnist, fashion_mnist, caltech_silhouettes, silhouettes)")
-    model = build_node(cfg.model, "model", x_dim=int(bundle.info["dim"]), train_mean=bundle.info.get("train_mean"))
-    loss = build_node(cfg.loss, "loss")
+def build(bundle: DataBundle, model: Any, loss: Any, seed: int = 0) -> DensityFamily:
+    model = build_node(model, "model", x_dim=int(bundle.info["dim"]), train_mean=bundle.info.get("train_mean"))
+    loss = build_node(loss, "loss")
     if not isinstance(model, VAE) or not isinstance(loss, ImportanceBound):
-        raise UserError("the density family needs model=vae1|vae2 and loss=elbo|iwae|dreg")
+        raise UserError("the density family needs a VAE model (model=vae1|vae2) and an importance bound "
+                        "(loss=elbo|iwae|dreg)")
     return DensityFamily(model, loss, bundle)

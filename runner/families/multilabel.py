@@ -20,13 +20,20 @@ from typing import Any
 
 import pandas as pd
 import torch
-from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from runner import plots
 from runner.build import build as build_node
 from runner.engine.family import DataBundle, Evaluator, Family
+from runner.errors import UserError
+from runner.families import Accepts
 from runner.metrics.multilabel import multilabel_metrics, tune_thresholds
+
+# Any image classifier fits (runner's torchvision and timm options, or a user's module that maps
+# a batch of images to one logit per label).
+ACCEPTS = Accepts(datasets=("runner.data.shapes.", "runner.data.multilabel_csv.", "runner.data.fashion_mosaic."),
+                  models=("runner.models.torchvision_models.", "runner.models.timm_models."),
+                  losses=("runner.losses.multilabel.",))
 
 
 class MultiLabelEvaluator(Evaluator):
@@ -37,6 +44,7 @@ class MultiLabelEvaluator(Evaluator):
     def update(self, batch: Any) -> None:
         images, targets = batch
         logits = self.family.raw_model(images).float()
+        check_outputs(logits, targets, self.family.label_names)
         self.add_sum("loss", self.family.loss(logits, targets).sum())
         self.add_rows("probs", torch.sigmoid(logits))
         self.add_rows("targets", targets.float())
@@ -60,6 +68,7 @@ class MultiLabelFamily(Family):
     def train_loss(self, batch: Any) -> tuple[Tensor, int]:
         images, targets = batch
         logits = self.model(images)
+        check_outputs(logits, targets, self.label_names)
         return self.loss(logits, targets).sum(), images.shape[0]
 
     def evaluator(self, split: str) -> Evaluator:
@@ -94,14 +103,23 @@ class MultiLabelFamily(Family):
                               self.thresholds, Path(run_dir) / "plots" / "pr_curves.png")
 
 
+def check_outputs(logits: Any, targets: Tensor, label_names: list[str]) -> None:
+    """One clear message for a model whose output does not fit the labels (shapes only: no sync)."""
+    if not isinstance(logits, Tensor) or logits.shape != targets.shape:
+        got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+        raise UserError(f"the model's output {got} does not fit the {len(label_names)} labels of the data "
+                        f"(expected {tuple(targets.shape)}): give the model {len(label_names)} outputs, e.g. "
+                        f"model.num_classes={len(label_names)}, or use model=torchvision")
+
+
 def label_counts(train_labels: Tensor) -> tuple[list[int], int]:
     """(positives per label, number of training samples): what the loss builders weight with."""
     return [int(c) for c in train_labels.sum(0).round().tolist()], int(train_labels.shape[0])
 
 
-def build(cfg: DictConfig, bundle: DataBundle) -> MultiLabelFamily:
+def build(bundle: DataBundle, model: Any, loss: Any, seed: int = 0) -> MultiLabelFamily:
     info = bundle.info
     pos_counts, num_samples = label_counts(info["train_labels"])
-    model = build_node(cfg.model, "model", num_labels=info["num_labels"])
-    loss = build_node(cfg.loss, "loss", pos_counts=pos_counts, num_samples=num_samples)
+    model = build_node(model, "model", num_outputs=info["num_labels"])
+    loss = build_node(loss, "loss", pos_counts=pos_counts, num_samples=num_samples)
     return MultiLabelFamily(model, loss, list(info["label_names"]), [float(p) for p in info["prevalence"]])

@@ -6,12 +6,16 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
 from runner.build import build as build_node
 from runner.engine.family import DataBundle, Evaluator, Family
+from runner.families import Accepts
+from runner.losses.regression import SquaredError
+
+ACCEPTS = Accepts(datasets=("runner.families.regression.synthetic",), models=("runner.families.regression.mlp",),
+                  losses=("runner.losses.regression.",))
 
 
 def synthetic(n_train: int = 256, n_val: int = 64, n_test: int = 64, dim: int = 8, noise: float = 0.1,
@@ -35,14 +39,14 @@ def mlp(dim: int, hidden: int = 16, batchnorm: bool = False) -> nn.Module:
 
 
 class MSEEvaluator(Evaluator):
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, loss: nn.Module):
         super().__init__()
-        self.model = model
+        self.model, self.loss = model, loss
 
     def update(self, batch: Any) -> None:
         x, y = batch
         prediction = self.model(x).float()
-        self.add_sum("squared_error", ((prediction - y) ** 2).sum())
+        self.add_sum("squared_error", self.loss(prediction, y).sum())
         self.add_rows("prediction", prediction)
         self.count += x.shape[0]
 
@@ -52,16 +56,16 @@ class MSEEvaluator(Evaluator):
 
 
 class RegressionFamily(Family):
-    def __init__(self, model: nn.Module):
-        self.model = model
+    def __init__(self, model: nn.Module, loss: nn.Module | None = None):
+        self.model, self.loss = model, loss or SquaredError()
 
     def train_loss(self, batch: Any) -> tuple[Tensor, int]:
         x, y = batch
-        return ((self.model(x).float() - y) ** 2).sum(), x.shape[0]
+        return self.loss(self.model(x), y).sum(), x.shape[0]
 
     def evaluator(self, split: str) -> Evaluator:
-        return MSEEvaluator(self.raw_model)
+        return MSEEvaluator(self.raw_model, self.loss)
 
 
-def build(cfg: DictConfig, bundle: DataBundle) -> RegressionFamily:
-    return RegressionFamily(build_node(cfg.model, "model", dim=bundle.info["dim"]))
+def build(bundle: DataBundle, model: Any, loss: Any, seed: int = 0) -> RegressionFamily:
+    return RegressionFamily(build_node(model, "model", dim=bundle.info["dim"]), build_node(loss, "loss"))

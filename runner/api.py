@@ -1,0 +1,69 @@
+"""``runner.run([...overrides])``: one job from Python, as ``python -m runner <overrides>`` runs it,
+without a shell. It composes the same config (``config_dir`` adds a folder of your own options, as
+``--config-dir`` does), writes the same run folder (``.hydra/``, ``run.log``, results), and returns
+the job's summary.json with ``run_dir`` and ``exit_code`` added. A config that cannot be composed
+raises ``runner.errors.UserError`` with the message the command line prints.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf, open_dict
+
+from runner.config import CONF_DIR, register_configs, register_resolvers
+from runner.errors import UserError
+
+
+@contextlib.contextmanager
+def logging_to(path: Path) -> Iterator[None]:
+    """The run's log file, as the command line's logging config writes it."""
+    handler = logging.FileHandler(path, delay=True)
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] %(message)s"))
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(min(level, logging.INFO) if level else logging.INFO)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+        handler.close()
+
+
+def compose_job(overrides: Sequence[str], config_dir: str | None = None) -> Any:
+    """The composed config with its ``hydra`` node, as the command line composes it."""
+    from runner.config_errors import describe
+
+    register_configs()
+    register_resolvers()
+    search = [f"hydra.searchpath=[file://{Path(config_dir).resolve()}]"] if config_dir else []
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+            return compose("config", overrides=[*overrides, *search], return_hydra_config=True)
+    except Exception as e:  # composition errors: one message, as on the command line
+        raise UserError(describe(e, list(overrides))) from None
+
+
+def run(overrides: Sequence[str] = (), config_dir: str | None = None) -> dict[str, Any]:
+    from runner.engine.results import read_summary
+    from runner.job import run_job
+
+    cfg = compose_job(overrides, config_dir)
+    HydraConfig.instance().set_config(cfg)  # ${hydra:...} in the config (the run's name) resolves
+    run_dir = Path(cfg.hydra.run.dir)  # claims a new run folder (or names the resumed one)
+    choices = OmegaConf.to_container(cfg.hydra.runtime.choices)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    if not cfg.resume:
+        (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
+        OmegaConf.save(OmegaConf.create(list(overrides)), run_dir / ".hydra" / "overrides.yaml")
+    with logging_to(run_dir / "run.log"):
+        code = run_job(cfg, run_dir, choices)
+    return {**(read_summary(run_dir) or {}), "run_dir": str(run_dir), "exit_code": code}
