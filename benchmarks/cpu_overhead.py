@@ -19,12 +19,12 @@ def hand_loop(steps: int) -> float:
     from runner.data.shapes import build
     from runner.engine.data import train_order
     from runner.losses.multilabel import FocalLoss
-    from runner.models.densenet import densenet121
+    from runner.models.torchvision_models import build as torchvision_model
 
     torch.manual_seed(0)
     bundle = build(n_train=3000, n_val=800, n_test=800, image_size=32)
     x, y = bundle.train.tensors
-    model = densenet121(num_labels=4)
+    model = torchvision_model("densenet121", num_outputs=4)
     loss_fn = FocalLoss()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     order = train_order(len(x), seed=0, epoch=0)

@@ -33,10 +33,10 @@ def data() -> TensorDataset:
 
 
 def model(device: torch.device) -> nn.Module:
-    from runner.models.densenet import densenet121
+    from runner.models.torchvision_models import build as torchvision_model
 
     torch.manual_seed(0)
-    return densenet121(num_labels=4).to(device)
+    return torchvision_model("densenet121", num_outputs=4).to(device)
 
 
 def hand_loop(dataset: TensorDataset, device: torch.device, steps: int) -> tuple[float, nn.Module]:
@@ -90,11 +90,10 @@ def runner_train(steps: int, *extra: str) -> float:
 def evaluation(dataset: TensorDataset, device: torch.device, net: nn.Module) -> dict[str, float]:
     """(a) fp32 with .item() per batch, against runner's evaluate in bf16 + channels_last, on the
     network the hand loop trained (an untrained DenseNet's eval-mode outputs are noise)."""
-    from omegaconf import OmegaConf
-
+    from runner.config import TrainerConfig
     from runner.engine.devices import DeviceContext
+    from runner.engine.evaluate import evaluate
     from runner.engine.family import DataBundle
-    from runner.engine.loop import evaluate
     from runner.families.multilabel import build as build_family
 
     net.eval()
@@ -130,22 +129,20 @@ def evaluation(dataset: TensorDataset, device: torch.device, net: nn.Module) -> 
     r = {"a_eval_fp32": hand_rate, "a_eval_fp32_resident": hand_resident_rate}
     ref = reference[:EVAL_BATCH]
     for precision, channels_last, key in (("bf16", True, "c_eval_bf16_cl"), ("32", False, "c_eval_fp32")):
-        cfg = OmegaConf.create({"model": {"_target_": "runner.models.densenet.densenet121"},
-                                "loss": {"_target_": "runner.losses.multilabel.FocalLoss"},
-                                "trainer": {"batch_size": EVAL_BATCH, "eval_batch_size": EVAL_BATCH,
-                                            "precision": precision, "num_workers": 4, "seed": 0,
-                                            "data_on_device": True}})
-        family = build_family(cfg, bundle)
+        trainer = TrainerConfig(batch_size=EVAL_BATCH, eval_batch_size=EVAL_BATCH, precision=precision,
+                                num_workers=4, data_on_device=True)
+        family = build_family(bundle, {"_target_": "runner.models.torchvision_models.build", "name": "densenet121"},
+                              {"_target_": "runner.losses.multilabel.FocalLoss"})
         family.model.load_state_dict(net.state_dict())
         family.to(device)
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         family.model.to(memory_format=memory_format)
-        evaluate(family, bundle, "test", cfg, ctx)  # warm-up
+        evaluate(family, bundle, "test", ctx, trainer)  # warm-up
         sync(device)
         start = time.perf_counter()
         repeats = 3
         for _ in range(repeats):
-            evaluate(family, bundle, "test", cfg, ctx)
+            evaluate(family, bundle, "test", ctx, trainer)
         sync(device)
         r[key] = repeats * len(dataset) / (time.perf_counter() - start)
         family.raw_model.eval()  # the predictions evaluate() made: eval-mode BatchNorm

@@ -25,13 +25,13 @@ def count(model: nn.Module, run) -> tuple[float, float]:
 
 
 def main() -> None:
-    from runner.models.densenet import densenet121
+    from runner.models.torchvision_models import build as torchvision_model
     from runner.models.vae import VAE
     from runner.losses.iwae import IWAE
     from runner.models.char_lstm import CharLSTM
 
     rows = []
-    net = densenet121(num_labels=4)
+    net = torchvision_model("densenet121", num_outputs=4)
     x = torch.randn(1, 3, 224, 224)
     flops, acts = count(net, lambda: net(x).sum())
     rows.append(("DenseNet121 224px, per image", flops, 4 * acts * 2))  # bf16 activations

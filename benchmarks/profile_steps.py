@@ -116,11 +116,11 @@ def kind(name: str) -> str:
 
 
 def densenet() -> dict:
-    from runner.models.densenet import densenet121
+    from runner.models.torchvision_models import build as torchvision_model
 
     torch.backends.cudnn.benchmark = True
     torch.manual_seed(0)
-    net = densenet121(num_labels=4).to(DEVICE).to(memory_format=torch.channels_last)
+    net = torchvision_model("densenet121", num_outputs=4).to(DEVICE).to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3, fused=True)
     x = torch.randn(64, 3, 224, 224, device=DEVICE).contiguous(memory_format=torch.channels_last)
     y = (torch.rand(64, 4, device=DEVICE) < 0.3).float()

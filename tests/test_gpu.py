@@ -130,3 +130,29 @@ def test_several_steps_per_graph_launch_train_like_one(tmp_path):
     s1, s4 = (json.loads((d / "summary.json").read_text()) for d in (one, four))
     assert s4["steps"] == s1["steps"] == 48 and s4["samples_seen"] == 750
     assert s4["metrics"]["test/loss"] == pytest.approx(s1["metrics"]["test/loss"], rel=1e-6)
+
+
+def test_captured_step_follows_any_optimizer_and_per_step_schedule(tmp_path):
+    """RAdam (capturable) under a per-step cosine schedule: the captured step reads the lr tensor
+    the schedule fills in place, so it trains like the eager loop."""
+    common = ("experiment=regression", "device=gpu", "trainer.progress=none", "optim._target_=torch.optim.RAdam",
+              "~optim.momentum", "~optim.nesterov", "optim.lr=0.01", "schedule=cosine", "schedule.warmup_steps=5",
+              "dataset.n_train=256", "trainer.max_epochs=3", "trainer.log_every_n_steps=4")
+    # RAdam's capturable step computes its rectification on the device, the eager one on the host:
+    # the two agree to rounding, not bit for bit.
+    eager, graph = same_training(tmp_path, common, ("trainer.cuda_graph=true", "trainer.data_on_device=true"),
+                                 rtol=1e-3, atol=1e-4)
+    lrs = [[json.loads(l)["lr"] for l in (d / "metrics.jsonl").read_text().splitlines()
+            if json.loads(l)["split"] == "train"] for d in (eager, graph)]
+    assert lrs[0] == pytest.approx(lrs[1]) and lrs[0][-1] < 1e-4  # annealed to eta_min=0 by the end
+
+
+def test_captured_one_cycle_without_momentum_cycling_runs(tmp_path):
+    code, run_dir = run_in_process(tmp_path, "experiment=regression", "device=gpu", "trainer.progress=none",
+                                   "optim=sgd", "schedule=one_cycle", "schedule.cycle_momentum=false",
+                                   "trainer.cuda_graph=true", "trainer.data_on_device=true")
+    assert code == 0
+    refused, run_dir = run_in_process(tmp_path / "refused", "experiment=regression", "device=gpu",
+                                      "trainer.progress=none", "optim=sgd", "schedule=one_cycle",
+                                      "trainer.cuda_graph=true", "trainer.data_on_device=true")
+    assert refused == 2 and "cycle_momentum=false" in json.loads((run_dir / "summary.json").read_text())["error"]
