@@ -10,7 +10,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from runner.config import typed
-from runner.errors import EXIT_USER_ERROR, UserError
+from runner.errors import EXIT_OK, EXIT_USER_ERROR, UserError
 
 
 def load_resumed_config(cfg: DictConfig) -> DictConfig:
@@ -24,6 +24,15 @@ def load_resumed_config(cfg: DictConfig) -> DictConfig:
     return resumed
 
 
+def completed(run_dir: Path) -> bool:
+    from runner.engine.results import read_summary
+
+    try:
+        return (read_summary(run_dir) or {}).get("status") == "completed"
+    except ValueError:  # a summary.json that is not JSON: not a completed run
+        return False
+
+
 def run_job(cfg: DictConfig, run_dir: Path, choices: dict[str, Any]) -> int:
     """The job's exit code. ``choices``: the option chosen in each config group (for messages)."""
     from rich.console import Console
@@ -32,6 +41,10 @@ def run_job(cfg: DictConfig, run_dir: Path, choices: dict[str, Any]) -> int:
     from runner.engine.run import run  # heavy imports after the config is known to be valid
 
     choices = {k: str(v) for k, v in choices.items() if not k.startswith("hydra") and v is not None}
+    if cfg.resume and completed(Path(cfg.resume)):
+        Console().print(f"{cfg.resume} has completed already: nothing to resume (its folder is left as it is)",
+                        highlight=False, soft_wrap=True)
+        return EXIT_OK
     try:
         config = typed(load_resumed_config(cfg) if cfg.resume else cfg)
         code = maybe_spawn(config, run_dir, choices)  # ddp: start our own workers if asked

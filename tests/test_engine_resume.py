@@ -83,3 +83,14 @@ def test_sigkill_at_random_steps_then_resume_is_bitwise_identical(tmp_path):
     for key, value in ref_summary["metrics"].items():
         assert summary["metrics"][key] == value, key
     assert summary["steps"] == ref_summary["steps"]
+
+
+def test_resuming_a_completed_run_leaves_it_untouched(tmp_path):
+    done = run_cli("experiment=regression", "device=cpu", "trainer.max_epochs=1", f"output_root={tmp_path}")
+    assert done.returncode == 0, done.stderr
+    run_dir = only_run_folder(tmp_path)
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    again = run_cli(f"resume={run_dir}")
+    assert again.returncode == 0 and "has completed already" in again.stdout
+    after = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    assert after == before

@@ -11,7 +11,7 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import ROOT, compose, only_run_folder, run_cli, run_in_process
-from runner import families
+from runner.engine import compat
 from runner.build import checked_kwargs
 from runner.errors import UserError
 
@@ -216,9 +216,9 @@ SUPPLIED = {  # what each family's code passes to the builders (not set by confi
 
 
 def fitting(group: str, family: str) -> list[str]:
-    accepts = families.module_of(family).ACCEPTS
+    accepts = compat.module_of(family).ACCEPTS
     allowed = {"dataset": accepts.datasets, "model": accepts.models, "loss": accepts.losses}[group]
-    return [name for name, target in families.options(group).items() if target.startswith(allowed)]
+    return [name for name, target in compat.options(group).items() if target.startswith(allowed)]
 
 
 def check_keys(cfg, family):
@@ -232,7 +232,7 @@ def check_keys(cfg, family):
 
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml")))
 def test_each_preset_takes_every_compatible_dataset_and_model(experiment):
-    family = families.family_of_dataset(compose(f"experiment={experiment}").dataset)
+    family = compat.family_of_dataset(compose(f"experiment={experiment}").dataset)
     for dataset in fitting("dataset", family):
         for model in fitting("model", family):
             cfg = compose(f"experiment={experiment}", f"dataset={dataset}", f"model={model}", "device=cpu")

@@ -17,7 +17,7 @@ import torch
 from omegaconf import OmegaConf
 from rich.console import Console
 
-from runner import families
+from runner.engine import compat
 from runner.build import build
 from runner.config import LOGGERS, PRECISIONS, PROGRESS, Config, Mode, TrainerConfig
 from runner.engine import checkpoint as ckpt
@@ -78,20 +78,20 @@ def validate(config: Config) -> None:
 def build_family(config: Config, ctx: DeviceContext, choices: dict[str, str]) -> tuple[DataBundle, Family]:
     """The data, then the family (model and loss) that fits it; incompatible pairs exit 2 first."""
     parts = {"model": config.model, "loss": config.loss}
-    family_name = families.family_of_dataset(config.dataset)
+    family_name = compat.family_of_dataset(config.dataset)
     if family_name is not None:  # runner's own dataset: checked before anything is built
-        families.check_compatible(family_name, choices, **parts)
+        compat.check_compatible(family_name, choices, **parts)
     # Datasets that prepare batches on the device, or choose where to, take these two.
     bundle = build(config.dataset, "dataset", device=ctx.device, num_workers=int(config.trainer.num_workers))
     if not isinstance(bundle, DataBundle):
-        raise UserError(f"dataset._target_ {families.target_of(config.dataset)} did not return a DataBundle")
+        raise UserError(f"dataset._target_ {compat.target_of(config.dataset)} did not return a DataBundle")
     if family_name is None:
-        families.check_compatible(bundle.family, choices, **parts)
+        compat.check_compatible(bundle.family, choices, **parts)
     for split in ("train", "val", "test"):
         dataset = getattr(bundle, split)
         if dataset is not None and len(dataset) == 0:
-            raise UserError(f"the {split} split of dataset '{families.target_of(config.dataset)}' is empty")
-    family = families.module_of(bundle.family).build(bundle, config.model, config.loss, seed=config.trainer.seed)
+            raise UserError(f"the {split} split of dataset '{compat.target_of(config.dataset)}' is empty")
+    family = compat.module_of(bundle.family).build(bundle, config.model, config.loss, seed=config.trainer.seed)
     family.to(ctx.device)
     if config.trainer.channels_last:
         family.model.to(memory_format=torch.channels_last)
@@ -139,7 +139,7 @@ def train(config: Config, family: Family, bundle: DataBundle, ctx: DeviceContext
     if t.compile:
         family.model = torch.compile(family.model)
     family.model = ctx.wrap(family.model, config.device.sync_batchnorm)
-    meta = {"model_target": families.target_of(config.model),
+    meta = {"model_target": compat.target_of(config.model),
             "config": OmegaConf.to_yaml(OmegaConf.structured(config), resolve=True)}
     trainer = Trainer(family, bundle, ctx, t, config.optim, config.schedule, results, run_dir, meta)
     if config.resume:

@@ -19,7 +19,7 @@ from runner.build import build as build_node
 from runner.data.text import IGNORE_INDEX
 from runner.engine.family import DataBundle, Evaluator, Family
 from runner.errors import UserError
-from runner.families import Accepts
+from runner.engine.compat import Accepts
 from runner.losses.charlm import TokenCrossEntropy
 
 ACCEPTS = Accepts(datasets=("runner.data.text.",), models=("runner.models.char_lstm.",), losses=("runner.losses.charlm.",))

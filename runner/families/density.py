@@ -19,7 +19,7 @@ from torch import Tensor
 from runner.build import build as build_node
 from runner.engine.family import DataBundle, Family
 from runner.errors import UserError
-from runner.families import Accepts
+from runner.engine.compat import Accepts
 from runner.losses.iwae import ImportanceBound
 from runner.metrics.density import DensityEvaluator
 from runner.models.vae import VAE

@@ -26,7 +26,7 @@ from runner import plots
 from runner.build import build as build_node
 from runner.engine.family import DataBundle, Evaluator, Family
 from runner.errors import UserError
-from runner.families import Accepts
+from runner.engine.compat import Accepts
 from runner.metrics.multilabel import multilabel_metrics, tune_thresholds
 
 # Any image classifier fits (runner's torchvision and timm options, or a user's module that maps

@@ -11,7 +11,7 @@ from torch.utils.data import TensorDataset
 
 from runner.build import build as build_node
 from runner.engine.family import DataBundle, Evaluator, Family
-from runner.families import Accepts
+from runner.engine.compat import Accepts
 from runner.losses.regression import SquaredError
 
 ACCEPTS = Accepts(datasets=("runner.families.regression.synthetic",), models=("runner.families.regression.mlp",),
