@@ -16,7 +16,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from runner.config import CONF_DIR, register_configs, register_resolvers
-from runner.errors import EXIT_FAILED, EXIT_SIGINT, EXIT_USER_ERROR, JobFailed
+from runner.sweep import write_summary_csv
+from runner.errors import EXIT_FAILED, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USER_ERROR, JobFailed, SweepInterrupted
 
 
 def monitored_value(run_dir: Path, monitor: str) -> float:
@@ -26,6 +27,25 @@ def monitored_value(run_dir: Path, monitor: str) -> float:
     summary = read_summary(run_dir) or {}
     value = summary.get("metrics", {}).get(monitor)
     return float(value) if isinstance(value, (int, float)) and summary.get("status") == "completed" else float("nan")
+
+
+def job_status(run_dir: Path) -> str | None:
+    from runner.job import summary_status
+
+    return summary_status(run_dir)
+
+
+def sweep_resumed(argv: list[str]) -> list[str]:
+    """``python -m runner resume=<sweep folder>``: the sweep's own command again, into its folder
+    (each job then keeps, continues or starts its run); any other command line as it is."""
+    resumes = [a.split("=", 1)[1] for a in argv[1:] if a.startswith("resume=")]
+    if len(resumes) != 1 or not (Path(resumes[0]) / "multirun.yaml").is_file():
+        return argv
+    from omegaconf import OmegaConf
+
+    sweep = Path(resumes[0]).resolve()
+    saved = OmegaConf.load(sweep / "multirun.yaml").hydra.overrides
+    return [argv[0], "-m", *saved.hydra, *saved.task, f"hydra.sweep.dir={sweep}"]
 
 
 def main() -> None:
@@ -43,17 +63,29 @@ def main() -> None:
         started.append(True)
         hydra_cfg = HydraConfig.get()
         run_dir = Path(hydra_cfg.runtime.output_dir)
-        code = run_job(cfg, run_dir, dict(hydra_cfg.runtime.choices))
+        if hydra_cfg.mode == RunMode.MULTIRUN and (run_dir / "summary.json").is_file():
+            # resume=<sweep folder>: this job ran before. Completed: keep it; otherwise continue it.
+            if job_status(run_dir) == "completed":
+                return monitored_value(run_dir, cfg.trainer.monitor)
+            cfg.resume = str(run_dir)
+        code = run_job(cfg, run_dir, dict(hydra_cfg.runtime.choices), list(hydra_cfg.overrides.task))
+        if hydra_cfg.mode == RunMode.RUN and code != 0:
+            sys.exit(code)
+        if code in (EXIT_SIGINT, EXIT_SIGTERM):
+            write_summary_csv(Path(hydra_cfg.sweep.dir))  # the jobs that ran, this one interrupted
+            raise SweepInterrupted(code)
         if code != 0:
-            if hydra_cfg.mode == RunMode.RUN:
-                sys.exit(code)
             raise JobFailed(f"exit code {code}")
         return monitored_value(run_dir, cfg.trainer.monitor)
 
     try:
+        sys.argv = sweep_resumed(sys.argv)
         task()
     except KeyboardInterrupt:
         sys.exit(EXIT_SIGINT)
+    except SweepInterrupted as e:
+        print(f"sweep interrupted: no further job starts; continue it with resume=<its folder>", file=sys.stderr)
+        sys.exit(e.exit_code)
     except JobFailed:
         sys.exit(EXIT_FAILED)
     except Exception as e:  # composition / override errors: before any run folder has content

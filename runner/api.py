@@ -65,5 +65,5 @@ def run(overrides: Sequence[str] = (), config_dir: str | None = None) -> dict[st
         OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
         OmegaConf.save(OmegaConf.create(list(overrides)), run_dir / ".hydra" / "overrides.yaml")
     with logging_to(run_dir / "run.log"):
-        code = run_job(cfg, run_dir, choices)
+        code = run_job(cfg, run_dir, choices, list(overrides))
     return {**(read_summary(run_dir) or {}), "run_dir": str(run_dir), "exit_code": code}

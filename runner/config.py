@@ -98,7 +98,8 @@ class Config:
     device: DeviceConfig = field(default_factory=DeviceConfig)
     name: str = "run"  # experiment name, part of the run folder's name
     mode: Mode = Mode.train
-    ckpt_path: Optional[str] = None  # mode=eval: the checkpoint to evaluate
+    ckpt_path: Optional[str] = None  # mode=eval: the checkpoint to evaluate; mode=train: weights to start from
+    ckpt_strict: bool = True  # mode=train ckpt_path=...: false loads the tensors whose names and shapes fit
     resume: Optional[str] = None  # a run folder to continue in place
     output_root: str = "outputs"
     logger: str = "csv"  # csv | tensorboard
@@ -161,6 +162,9 @@ def is_nonzero_rank() -> bool:
 
 def run_folder(resume: Optional[str], base: str) -> str:
     if resume:
+        # Checked here, before Hydra creates the folder: a resume that cannot start creates nothing.
+        if not (Path(resume) / ".hydra" / "config.yaml").is_file():
+            raise UserError(f"resume={resume} is not a run folder (no .hydra/config.yaml in it)")
         return str(resume)
     if is_nonzero_rank():
         return tempfile.mkdtemp(prefix="runner-rank-")

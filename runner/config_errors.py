@@ -6,12 +6,16 @@ import re
 from omegaconf import OmegaConf
 
 from runner.config import CONF_DIR
+from runner.errors import UserError
 
 _NOISE = ("Set the environment variable HYDRA_FULL_ERROR", "object_type=", "reference_type=")
 _UNKNOWN_KEY = ("is not in struct", "not in '")
 
 
 def describe(error: BaseException, overrides: list[str]) -> str:
+    own = _user_error_in(error)
+    if own is not None:  # runner's own check, raised from inside Hydra (a resolver): its message alone
+        return str(own)
     parts = [str(error)]
     if error.__cause__ is not None and str(error.__cause__) not in parts[0]:
         parts.append(str(error.__cause__))
@@ -26,6 +30,15 @@ def describe(error: BaseException, overrides: list[str]) -> str:
         if allowed:
             message += f"\nallowed keys of {key.rsplit('.', 1)[0]}: {', '.join(allowed)}"
     return message
+
+
+def _user_error_in(error: BaseException | None) -> UserError | None:
+    seen = 0
+    while error is not None and seen < 10:
+        if isinstance(error, UserError):
+            return error
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return None
 
 
 def _offending_key(message: str) -> str | None:

@@ -36,3 +36,13 @@ class JobFailed(Exception):
     """A sweep job that did not complete. Hydra's launchers record it with the job, run the
     other jobs of the sweep, and then raise it in the sweep's own process (also for jobs that a
     parallel launcher ran in others): the sweep exits 1, and summary.csv says which jobs failed."""
+
+
+class SweepInterrupted(BaseException):
+    """A sweep job was interrupted by SIGINT or SIGTERM (it wrote its checkpoint). A
+    BaseException: Hydra's launchers record a job's Exception and go on to the next job, and an
+    interrupted sweep must start no further job."""
+
+    def __init__(self, exit_code: int):
+        super().__init__(f"sweep interrupted (exit code {exit_code})")
+        self.exit_code = exit_code

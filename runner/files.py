@@ -1,11 +1,24 @@
 """Crash-safe file writes: a kill at any moment leaves the old file or the new one, never a torn one."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, IO
+from typing import IO, Any, Callable, Iterator
+
+from runner.errors import UserError
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _umask()
 
 
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
@@ -15,6 +28,7 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~UMASK)  # mkstemp makes 0600: teammates on shared storage could not read it
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -45,5 +59,44 @@ def append_line(path: str | Path, line: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def hold_folder(run_dir: Path | None) -> Iterator[None]:
+    """One process at a time in a run folder: an exclusive lock on ``<run_dir>/.lock``, held
+    for the run. The system drops it when its holder exits, however it exits, so a lock left by
+    a killed run is never stale."""
+    if run_dir is None:
+        yield
+        return
+    path = Path(run_dir) / ".lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            raise UserError(f"{run_dir} is in use by another runner process (pid {holder}): wait for it to end, "
+                            "or stop it first") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+def folder_in_use(run_dir: Path) -> bool:
+    """Whether a live process holds ``run_dir`` (a summary saying ``running`` without one is stale)."""
+    path = Path(run_dir) / ".lock"
+    if not path.is_file():
+        return False
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
     finally:
         os.close(fd)

@@ -1,57 +1,94 @@
 """One job from its composed config, shared by the command line (runner/__main__.py) and the
-Python API (``runner.run``): ``resume=`` continues with the run folder's own config, ``device=ddp``
+Python API (``runner.run``): ``resume=`` continues with the run folder's own config (taking the
+overrides that may change mid-run), one process at a time holds a run folder, ``device=ddp``
 starts one worker per device, and the typed settings go to the engine."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
-from omegaconf import DictConfig, OmegaConf
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from rich.console import Console
 
 from runner.config import typed
 from runner.errors import EXIT_OK, EXIT_USER_ERROR, UserError
+from runner.files import hold_folder
+
+# Overrides a resumed run takes: its length, its logging and checkpoint cadence, where it runs.
+# Everything else (model, data, optimizer, schedule, seed, ...) would make it another run.
+CHANGEABLE_ON_RESUME = ("trainer.max_epochs", "trainer.max_steps", "trainer.log_every_n_steps",
+                        "trainer.val_every_n_steps", "trainer.ckpt_every_n_steps", "trainer.progress",
+                        "trainer.num_workers", "trainer.eval_batch_size", "device", "logger")
+LENGTH = ("trainer.max_epochs", "trainer.max_steps")
 
 
-def load_resumed_config(cfg: DictConfig) -> DictConfig:
-    """``resume=<run folder>`` continues with the config that run started with."""
+def override_keys(overrides: Sequence[str]) -> list[str]:
+    """The config keys a command line's overrides set (``hydra.*`` and ``resume`` left out)."""
+    keys = [str(o).split("=", 1)[0].lstrip("+~") for o in overrides]
+    return [k for k in keys if k != "resume" and not k.startswith("hydra.") and k != "hydra"]
+
+
+def load_resumed_config(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
+    """``resume=<run folder>`` continues with the config that run started with, plus the
+    overrides that may change mid-run (taken from ``cfg``, composed with them); others exit 2."""
     folder = Path(cfg.resume)
     saved = folder / ".hydra" / "config.yaml"
     if not saved.is_file():
         raise UserError(f"resume={folder} is not a run folder (no .hydra/config.yaml in it)")
-    resumed = OmegaConf.load(saved)
+    try:
+        resumed = OmegaConf.load(saved)
+    except (yaml.YAMLError, ValueError) as e:
+        raise UserError(f"resume={folder}: {saved} is not a readable config: {str(e).splitlines()[0]}") from None
+    if not isinstance(resumed, DictConfig) or "trainer" not in resumed:
+        raise UserError(f"resume={folder}: {saved} is empty or not a runner config")
+    keys = [k for k in override_keys(overrides) if _value(cfg, k) != _value(resumed, k)]  # what would change
+    refused = [k for k in keys if not k.startswith(tuple(f"{c}." for c in CHANGEABLE_ON_RESUME))
+               and k not in CHANGEABLE_ON_RESUME]
+    if refused:
+        raise UserError(f"resume= cannot change {', '.join(refused)} (that would be another run); a resumed run "
+                        f"takes only: {', '.join(CHANGEABLE_ON_RESUME)}")
+    for key in keys:
+        OmegaConf.update(resumed, key, OmegaConf.select(cfg, key), merge=False, force_add=True)
     resumed.resume = str(folder)
     return resumed
 
 
-def completed(run_dir: Path) -> bool:
+def _value(cfg: DictConfig, key: str) -> Any:
+    value = OmegaConf.select(cfg, key, throw_on_missing=False)
+    return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
+
+
+def summary_status(run_dir: Path) -> str | None:
     from runner.engine.results import read_summary
 
     try:
-        return (read_summary(run_dir) or {}).get("status") == "completed"
-    except ValueError:  # a summary.json that is not JSON: not a completed run
-        return False
+        return (read_summary(run_dir) or {}).get("status")
+    except ValueError:  # a summary.json that is not JSON
+        return None
 
 
-def run_job(cfg: DictConfig, run_dir: Path, choices: dict[str, Any]) -> int:
-    """The job's exit code. ``choices``: the option chosen in each config group (for messages)."""
-    from rich.console import Console
-
+def run_job(cfg: DictConfig, run_dir: Path, choices: dict[str, Any], overrides: Sequence[str] = ()) -> int:
+    """The job's exit code. ``choices``: the option chosen in each config group (for messages);
+    ``overrides``: the command line's overrides (what a resume may change)."""
     from runner.engine.launch import maybe_spawn
     from runner.engine.run import run  # heavy imports after the config is known to be valid
 
     choices = {k: str(v) for k, v in choices.items() if not k.startswith("hydra") and v is not None}
-    if cfg.resume and completed(Path(cfg.resume)):
-        Console().print(f"{cfg.resume} has completed already: nothing to resume (its folder is left as it is)",
-                        highlight=False, soft_wrap=True)
-        return EXIT_OK
+    console = Console(stderr=True)
+    rank0 = int(os.environ.get("RANK", "0")) == 0
     try:
-        config = typed(load_resumed_config(cfg) if cfg.resume else cfg)
-        code = maybe_spawn(config, run_dir, choices)  # ddp: start our own workers if asked
+        if cfg.resume and summary_status(Path(cfg.resume)) == "completed" and not set(LENGTH) & set(override_keys(overrides)):
+            Console().print(f"{cfg.resume} has completed already: nothing to resume (its folder is left as it is; "
+                            "trainer.max_epochs=N or trainer.max_steps=N continues it)", highlight=False, soft_wrap=True)
+            return EXIT_OK
+        config = typed(load_resumed_config(cfg, overrides) if cfg.resume else cfg)
+        with hold_folder(run_dir if rank0 else None):
+            code = maybe_spawn(config, run_dir, choices)  # ddp: start our own workers if asked
+            if code is None:
+                code = run(config, run_dir if rank0 else None, choices)
     except UserError as e:
-        Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         return EXIT_USER_ERROR
-    if code is None:
-        rank0 = int(os.environ.get("RANK", "0")) == 0
-        code = run(config, run_dir if rank0 else None, choices)
     return code

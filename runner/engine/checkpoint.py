@@ -69,13 +69,23 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return payload
 
 
-def load_model_weights(model: torch.nn.Module, payload: dict[str, Any], path: str | Path) -> None:
-    """Load weights, with one clear message when the checkpoint belongs to another model."""
+def load_model_weights(model: torch.nn.Module, payload: dict[str, Any], path: str | Path,
+                       strict: bool = True) -> list[str]:
+    """Load weights, with one clear message when the checkpoint belongs to another model.
+    ``strict=False`` loads the tensors whose names and shapes fit and returns the names of the
+    model's tensors it left as they were (fine-tuning with a new head)."""
     own = model.state_dict()
     theirs = payload["model"]
     missing = sorted(own.keys() - theirs.keys())
     unexpected = sorted(theirs.keys() - own.keys())
     mismatched = sorted(k for k in own.keys() & theirs.keys() if own[k].shape != theirs[k].shape)
+    if not strict:
+        fitting = {k: v for k, v in theirs.items() if k in own and own[k].shape == v.shape}
+        if not fitting:
+            raise UserError(f"checkpoint {path} has no tensor that fits this model "
+                            f"({payload.get('model_target', 'another model')})")
+        model.load_state_dict(fitting, strict=False)
+        return sorted(own.keys() - fitting.keys())
     if missing or unexpected or mismatched:
         detail = []
         if missing:
@@ -88,5 +98,7 @@ def load_model_weights(model: torch.nn.Module, payload: dict[str, Any], path: st
         made_by = payload.get("model_target", "another model")
         raise UserError(
             f"checkpoint {path} belongs to another model or config ({made_by}): " + "; ".join(detail)
+            + " (ckpt_strict=false loads the tensors that fit)"
         )
     model.load_state_dict(theirs)
+    return []

@@ -84,20 +84,26 @@ def batch_mover(dataset: Dataset, default: Callable[[Any], Any], device: torch.d
     return default if own is None else (lambda batch: own(batch, device))
 
 
-def _loader(dataset: Dataset, indices: Sequence[int], batch_size: int | None, num_workers: int, pin: bool) -> DataLoader:
+def _loader(dataset: Dataset, indices: Sequence[int], batch_size: int | None, num_workers: int, pin: bool,
+            generator: torch.Generator) -> DataLoader:
+    # The loader draws its workers' base seed from ``generator``: from the global RNG it would
+    # take one draw per iterator, and a run resumed inside an epoch (a new iterator at a later
+    # point of the global stream) would drift from the uninterrupted one.
     return DataLoader(dataset, batch_size=batch_size, sampler=ListSampler(indices), num_workers=num_workers,
                       collate_fn=getattr(dataset, "collate", None), pin_memory=pin, persistent_workers=False,
-                      drop_last=False)
+                      drop_last=False, generator=generator)
 
 
 def train_loader(dataset: Dataset, *, batch_size: int, epoch: int, seed: int, rank: int, world: int,
                  weights: Tensor | None, prebatched: bool, skip_batches: int = 0, num_workers: int = 0,
                  pin: bool = False) -> DataLoader:
     """This process's training batches of one epoch, starting after ``skip_batches`` (resume)."""
+    workers = epoch_generator(seed, epoch)
     if prebatched:
-        return _loader(RowShard(dataset, rank, world), range(skip_batches, len(dataset)), None, num_workers, pin)
+        return _loader(RowShard(dataset, rank, world), range(skip_batches, len(dataset)), None, num_workers, pin,
+                       workers)
     order = train_order(len(dataset), seed, epoch, weights)[rank::world]
-    return _loader(dataset, order[skip_batches * batch_size:].tolist(), batch_size, num_workers, pin)
+    return _loader(dataset, order[skip_batches * batch_size:].tolist(), batch_size, num_workers, pin, workers)
 
 
 def train_batches_per_epoch(dataset: Dataset, batch_size: int, world: int, prebatched: bool) -> int:
@@ -110,9 +116,10 @@ def train_batches_per_epoch(dataset: Dataset, batch_size: int, world: int, preba
 
 def eval_loader(dataset: Dataset, *, batch_size: int, rank: int, world: int, prebatched: bool,
                 num_workers: int = 0, pin: bool = False) -> DataLoader:
+    workers = torch.Generator().manual_seed(0)  # evaluation leaves the training RNG alone
     if prebatched:
-        return _loader(RowShard(dataset, rank, world), range(len(dataset)), None, num_workers, pin)
-    return _loader(dataset, exact_eval_indices(len(dataset), rank, world), batch_size, num_workers, pin)
+        return _loader(RowShard(dataset, rank, world), range(len(dataset)), None, num_workers, pin, workers)
+    return _loader(dataset, exact_eval_indices(len(dataset), rank, world), batch_size, num_workers, pin, workers)
 
 
 class DeviceBatches:

@@ -269,6 +269,9 @@ class Trainer:
             "loop": asdict(self.state),
             "rng": ckpt.rng_state(),
             "family": self.family.state_dict() if hasattr(self.family, "state_dict") else {},
+            # The last validation's metrics: a run resumed after it still reports them.
+            "metrics": dict(self.final_metrics),
+            "eval_samples": dict(self.eval_samples),
             **self.meta,
         }
 
@@ -288,6 +291,8 @@ class Trainer:
         self.schedule.load_state_dict(payload["schedule"])
         self.stepper.scaler.load_state_dict(payload["scaler"])
         self.state = LoopState(**payload["loop"])
+        self.final_metrics = dict(payload.get("metrics", {}))
+        self.eval_samples = dict(payload.get("eval_samples", {}))
         ckpt.set_rng_state(payload["rng"])
         if payload.get("family") and hasattr(self.family, "load_state_dict"):
             self.family.load_state_dict(payload["family"])

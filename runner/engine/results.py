@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from runner import plots
-from runner.files import append_line, atomic_write_json
+from runner.files import append_line, atomic_write_json, atomic_write_text
 
 STATUSES = ("running", "completed", "failed", "interrupted")
 ROW_KEYS = ("epoch", "step", "split")  # where a row sits, not what it measured
@@ -32,6 +32,7 @@ class RunResults:
         self.logger = logger
         self.writer: Any = None  # TensorBoard's SummaryWriter, opened at the first row
         self.started = time.time()
+        self.held = False
         self.summary: dict[str, Any] = {
             "status": "running",
             "metrics": {},
@@ -84,7 +85,28 @@ class RunResults:
             self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
         return self.writer
 
+    def hold(self) -> None:
+        """A resumed run: leave summary.json and metrics.jsonl as the interrupted run left them
+        until ``resumed`` says the run really continues (a resume that fails to start touches
+        nothing)."""
+        self.held = True
+
+    def resumed(self, step: int) -> None:
+        """The run continues after optimizer step ``step``: forget what the interrupted run logged
+        after it (it is logged again) and any file a kill left half-written."""
+        self.held = False
+        if not self.enabled:
+            return
+        for torn in self.run_dir.rglob(".*.tmp"):
+            torn.unlink(missing_ok=True)
+        rows_file = self.run_dir / "metrics.jsonl"
+        if rows_file.is_file():
+            kept = [line for line in rows_file.read_text().splitlines() if line.strip() and _before(line, step)]
+            atomic_write_text(rows_file, "".join(line + "\n" for line in kept))
+
     def write_summary(self, **fields: Any) -> None:
+        if self.held:
+            return
         self.summary.update(fields)
         self.summary["wall_time_s"] = round(time.time() - self.started, 3)
         self.summary["metrics"] = {k: _plain(v) for k, v in self.summary["metrics"].items()}
@@ -93,12 +115,21 @@ class RunResults:
 
     def finish(self, title: str | None = None) -> None:
         """End of the run (any status): close loggers and draw the run's plots."""
+        if self.held:  # a resume that did not start: the folder stays as it was
+            return
         if self.writer is not None:
             self.writer.close()  # flushes the event file
             self.writer = None
         if self.enabled:
             plots.draw_safely("plots/curves.png", plots.plot_curves, self.run_dir / "metrics.jsonl",
                               self.run_dir / "plots" / "curves.png", title=title)
+
+
+def _before(line: str, step: int) -> bool:
+    """Whether a metrics.jsonl row was logged at or before ``step`` of training (test rows are
+    written again when the resumed run tests)."""
+    row = json.loads(line)
+    return row.get("split") != "test" and (row.get("step") or 0) <= step
 
 
 def read_summary(run_dir: Path) -> dict[str, Any] | None:

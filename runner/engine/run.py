@@ -49,6 +49,10 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     torch.backends.cudnn.benchmark = not deterministic
 
 
+NEVER = {"val_every_n_steps": "at the end of each epoch", "ckpt_every_n_steps": "at the end of each epoch",
+         "num_workers": "load in the main process"}
+
+
 def validate(config: Config) -> None:
     """Checks Hydra's types cannot express: ranges and choices, with the key named."""
     t = config.trainer
@@ -73,6 +77,14 @@ def validate(config: Config) -> None:
         raise UserError(f"logger={config.logger!r} is not known; allowed: {', '.join(LOGGERS)}")
     if config.mode == Mode.eval and not config.ckpt_path:
         raise UserError("mode=eval needs ckpt_path=<run folder>/checkpoints/best.pt")
+    if config.ckpt_path and not Path(config.ckpt_path).is_file():
+        raise UserError(f"ckpt_path={config.ckpt_path}: no such file")
+    for key in ("val_every_n_steps", "ckpt_every_n_steps", "num_workers"):
+        if getattr(t, key) < 0:
+            raise UserError(f"trainer.{key}={getattr(t, key)} must be >= 0 (0: {NEVER[key]})")
+    for key in ("max_steps", "limit_train_batches"):
+        if getattr(t, key) == 0 or getattr(t, key) < -1:
+            raise UserError(f"trainer.{key}={getattr(t, key)} must be > 0, or -1 for no limit")
 
 
 def build_family(config: Config, ctx: DeviceContext, choices: dict[str, str]) -> tuple[DataBundle, Family]:
@@ -142,10 +154,17 @@ def train(config: Config, family: Family, bundle: DataBundle, ctx: DeviceContext
     meta = {"model_target": compat.target_of(config.model),
             "config": OmegaConf.to_yaml(OmegaConf.structured(config), resolve=True)}
     trainer = Trainer(family, bundle, ctx, t, config.optim, config.schedule, results, run_dir, meta)
+    last = Path(config.resume or "") / "checkpoints" / "last.pt"
+    if config.resume and last.is_file():
+        trainer.restore(ckpt.load_checkpoint(last, map_location="cpu"), last)
+    elif config.ckpt_path:  # fine-tuning: the weights of another run, a fresh optimizer and loop
+        payload = ckpt.load_checkpoint(config.ckpt_path, map_location="cpu")
+        skipped = ckpt.load_model_weights(family.raw_model, payload, config.ckpt_path, strict=config.ckpt_strict)
+        log.warning("initialised the weights from %s%s", config.ckpt_path,
+                    f" (left {len(skipped)} tensors as built: {', '.join(skipped[:5])})" if skipped else "")
     if config.resume:
-        last = Path(config.resume) / "checkpoints" / "last.pt"
-        if last.is_file():
-            trainer.restore(ckpt.load_checkpoint(last, map_location="cpu"), last)
+        results.resumed(trainer.state.step)
+        results.write_summary(status="running")
     with SignalFlag() as stop:
         trainer.fit(stop)
     # Test the best weights by the monitored metric where validation chose some. Only rank 0
@@ -176,6 +195,8 @@ def run(config: Config, run_dir: Path | None, choices: dict[str, str] | None = N
         results.summary["device"] = ctx.describe()
         if not ctx.is_main:
             results = RunResults(None)
+        if config.resume:
+            results.hold()
         results.write_summary(status="running")
         log.info("run folder %s, device %s\n%s", run_dir, results.summary["device"],
                  OmegaConf.to_yaml(OmegaConf.structured(config)))
