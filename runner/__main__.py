@@ -17,7 +17,8 @@ from omegaconf import DictConfig
 
 from runner.config import CONF_DIR, register_configs, register_resolvers
 from runner.sweep import write_summary_csv
-from runner.errors import EXIT_FAILED, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USER_ERROR, JobFailed, SweepInterrupted
+from runner.errors import (EXIT_FAILED, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USER_ERROR, JobFailed, SweepInterrupted,
+                           UserError)
 
 
 def monitored_value(run_dir: Path, monitor: str) -> float:
@@ -58,7 +59,7 @@ def main() -> None:
 
     @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="config")
     def task(cfg: DictConfig) -> float:
-        from runner.job import run_job
+        from runner.job import remove_if_never_started, run_job
 
         started.append(True)
         hydra_cfg = HydraConfig.get()
@@ -68,8 +69,15 @@ def main() -> None:
             if job_status(run_dir) == "completed":
                 return monitored_value(run_dir, cfg.trainer.monitor)
             cfg.resume = str(run_dir)
-        code = run_job(cfg, run_dir, dict(hydra_cfg.runtime.choices), list(hydra_cfg.overrides.task))
+        try:
+            sweep_dir = hydra_cfg.sweep.dir if hydra_cfg.mode == RunMode.MULTIRUN else None
+            code = run_job(cfg, run_dir, dict(hydra_cfg.runtime.choices), list(hydra_cfg.overrides.task), sweep_dir)
+        except UserError as e:  # found before the run started: one line, no run folder content
+            print(f"error: {e}", file=sys.stderr)
+            code = EXIT_USER_ERROR
         if hydra_cfg.mode == RunMode.RUN and code != 0:
+            if code == EXIT_USER_ERROR and not cfg.resume:
+                remove_if_never_started(run_dir)
             sys.exit(code)
         if code in (EXIT_SIGINT, EXIT_SIGTERM):
             write_summary_csv(Path(hydra_cfg.sweep.dir))  # the jobs that ran, this one interrupted

@@ -1,8 +1,9 @@
 """``runner.run([...overrides])``: one job from Python, as ``python -m runner <overrides>`` runs it,
 without a shell. It composes the same config (``config_dir`` adds a folder of your own options, as
 ``--config-dir`` does), writes the same run folder (``.hydra/``, ``run.log``, results), and returns
-the job's summary.json with ``run_dir`` and ``exit_code`` added. A config that cannot be composed
-raises ``runner.errors.UserError`` with the message the command line prints.
+the job's summary.json with ``run_dir`` and ``exit_code`` added. A config that cannot be composed,
+or is found bad before the run starts, raises ``runner.errors.UserError`` with the message the
+command line prints; once the run has started, its outcome is in the summary.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
 from runner.config import CONF_DIR, register_configs, register_resolvers
-from runner.errors import UserError
+from runner.errors import EXIT_USER_ERROR, UserError
 
 
 @contextlib.contextmanager
@@ -52,7 +53,7 @@ def compose_job(overrides: Sequence[str], config_dir: str | None = None) -> Any:
 
 def run(overrides: Sequence[str] = (), config_dir: str | None = None) -> dict[str, Any]:
     from runner.engine.results import read_summary
-    from runner.job import run_job
+    from runner.job import remove_if_never_started, run_job
 
     cfg = compose_job(overrides, config_dir)
     HydraConfig.instance().set_config(cfg)  # ${hydra:...} in the config (the run's name) resolves
@@ -64,6 +65,14 @@ def run(overrides: Sequence[str] = (), config_dir: str | None = None) -> dict[st
         (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
         OmegaConf.save(OmegaConf.create(list(overrides)), run_dir / ".hydra" / "overrides.yaml")
-    with logging_to(run_dir / "run.log"):
-        code = run_job(cfg, run_dir, choices, list(overrides))
-    return {**(read_summary(run_dir) or {}), "run_dir": str(run_dir), "exit_code": code}
+    try:
+        with logging_to(run_dir / "run.log"):
+            code = run_job(cfg, run_dir, choices, list(overrides))
+    except UserError:
+        if not cfg.resume:
+            remove_if_never_started(run_dir)
+        raise
+    summary = read_summary(run_dir) or {}
+    if code == EXIT_USER_ERROR and not cfg.resume and remove_if_never_started(run_dir):
+        run_dir = None  # rejected before training: no folder is left behind
+    return {**summary, "run_dir": str(run_dir) if run_dir else None, "exit_code": code}

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import Enum
 from pathlib import Path
 from typing import Any, Optional
@@ -17,6 +17,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue, ValidationError
 
 from runner.errors import UserError
+from runner.names import title_resolver
 
 # An absolute path: relative ones are resolved differently under `python -m` and the console script.
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -32,6 +33,7 @@ class Strategy(Enum):
 class Mode(Enum):
     train = "train"
     eval = "eval"
+    predict = "predict"
 
 
 class MonitorMode(Enum):
@@ -41,7 +43,13 @@ class MonitorMode(Enum):
 
 PRECISIONS = ("32", "tf32", "bf16", "16")
 PROGRESS = ("auto", "rich", "plain", "none")
-LOGGERS = ("csv", "tensorboard")
+LOGGERS = ("csv", "tensorboard", "mlflow", "wandb")  # the shipped options of the logger group (conf/logger/)
+
+
+@dataclass
+class EarlyStopping:
+    patience: int = 0  # validations without an improvement of trainer.monitor before the run stops; 0 = never
+    min_delta: float = 0.0  # an improvement smaller than this does not count
 
 
 @dataclass
@@ -71,6 +79,9 @@ class TrainerConfig:
     channels_last: bool = False
     limit_train_batches: int = -1  # -1 = all; for smoke runs
     progress: str = "auto"  # auto | rich | plain | none
+    early_stopping: EarlyStopping = field(default_factory=EarlyStopping)
+    save_top_k: int = 1  # best checkpoints kept by trainer.monitor (best.pt is the best); 0 = none
+    keep_last: bool = True  # false: remove checkpoints/last.pt once the run has completed
 
 
 @dataclass
@@ -102,12 +113,20 @@ class Config:
     ckpt_strict: bool = True  # mode=train ckpt_path=...: false loads the tensors whose names and shapes fit
     resume: Optional[str] = None  # a run folder to continue in place
     output_root: str = "outputs"
-    logger: str = "csv"  # csv | tensorboard
+    logger: Any = field(default_factory=dict)  # {name: _target_ node}: the selected loggers (runner/loggers/)
 
 
 def typed(cfg: DictConfig) -> Config:
     """The composed config as typed objects, interpolations resolved: the Hydra config stops
     here. (Merging into the schema first gives a saved config, read back by resume=, its types.)"""
+    for section, schema in (("trainer", TrainerConfig), ("device", DeviceConfig), (None, Config)):
+        node = cfg.get(section) if section else cfg
+        allowed = {f.name for f in fields(schema)}
+        unknown = sorted(set(node.keys()) - allowed) if isinstance(node, DictConfig) else []
+        if unknown:  # a `+key` that no code reads: refused like a typo
+            where = f"{section}." if section else ""
+            raise UserError(f"unknown key '{where}{unknown[0]}'; allowed keys of {section or 'the config'}: "
+                            f"{', '.join(sorted(allowed))}")
     try:
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), cfg))
     except MissingMandatoryValue as e:
@@ -193,3 +212,4 @@ def register_resolvers() -> None:
     OmegaConf.register_new_resolver("unique_dir", claim_unique_dir, replace=True, use_cache=True)
     OmegaConf.register_new_resolver("hydra_subdir", hydra_subdir, replace=True)
     OmegaConf.register_new_resolver("on_one_gpu", on_one_gpu, replace=True)
+    OmegaConf.register_new_resolver("run_title", title_resolver, replace=True)

@@ -24,6 +24,10 @@ def describe(error: BaseException, overrides: list[str]) -> str:
         lines = lines[: lines.index("Config search path:")]
     lines = [ln for ln in lines if ln.strip() and not any(n in ln for n in _NOISE)]
     message = "\n".join(dict.fromkeys(lines))  # drop repeated lines, keep order
+    missing = re.search(r"Could not load '([\w/]+)/([^/']+)'", message)
+    if missing and (CONF_DIR / missing.group(1)).is_dir():  # a list of options (logger=[csv,nope]): Hydra lists none
+        options = sorted(p.stem for p in (CONF_DIR / missing.group(1)).glob("*.yaml"))
+        message += f"\navailable options in '{missing.group(1)}': {', '.join(options)}"
     key = _offending_key(message)
     if key and "." in key and any(marker in message for marker in _UNKNOWN_KEY):
         allowed = _allowed_keys(key.rsplit(".", 1)[0], overrides)

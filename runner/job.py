@@ -5,6 +5,7 @@ starts one worker per device, and the typed settings go to the engine."""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -13,8 +14,9 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from rich.console import Console
 
 from runner.config import typed
-from runner.errors import EXIT_OK, EXIT_USER_ERROR, UserError
-from runner.files import hold_folder
+from runner.errors import EXIT_OK, UserError
+from runner.files import folder_in_use, hold_folder
+from runner.loggers.base import JobInfo
 
 # Overrides a resumed run takes: its length, its logging and checkpoint cadence, where it runs.
 # Everything else (model, data, optimizer, schedule, seed, ...) would make it another run.
@@ -60,6 +62,18 @@ def _value(cfg: DictConfig, key: str) -> Any:
     return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
 
 
+def remove_if_never_started(run_dir: Path) -> bool:
+    """A single run rejected before training (exit 2) leaves no folder behind: it holds only its
+    config, its log and a failed summary. Sweep jobs keep theirs (summary.csv reports them)."""
+    from runner.engine.results import read_summary
+
+    summary = read_summary(run_dir) if (run_dir / "summary.json").is_file() else None
+    if summary is not None and (summary.get("steps") or (run_dir / "checkpoints").exists()):
+        return False
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return True
+
+
 def summary_status(run_dir: Path) -> str | None:
     from runner.engine.results import read_summary
 
@@ -69,26 +83,28 @@ def summary_status(run_dir: Path) -> str | None:
         return None
 
 
-def run_job(cfg: DictConfig, run_dir: Path, choices: dict[str, Any], overrides: Sequence[str] = ()) -> int:
+def run_job(cfg: DictConfig, run_dir: Path, choices: dict[str, Any], overrides: Sequence[str] = (),
+            sweep_dir: str | None = None) -> int:
     """The job's exit code. ``choices``: the option chosen in each config group (for messages);
-    ``overrides``: the command line's overrides (what a resume may change)."""
+    ``overrides``: the command line's overrides (what a resume may change). A bad config found
+    before the run starts raises UserError (the caller says it: one line, exit 2)."""
     from runner.engine.launch import maybe_spawn
     from runner.engine.run import run  # heavy imports after the config is known to be valid
 
     choices = {k: str(v) for k, v in choices.items() if not k.startswith("hydra") and v is not None}
-    console = Console(stderr=True)
     rank0 = int(os.environ.get("RANK", "0")) == 0
-    try:
-        if cfg.resume and summary_status(Path(cfg.resume)) == "completed" and not set(LENGTH) & set(override_keys(overrides)):
-            Console().print(f"{cfg.resume} has completed already: nothing to resume (its folder is left as it is; "
-                            "trainer.max_epochs=N or trainer.max_steps=N continues it)", highlight=False, soft_wrap=True)
-            return EXIT_OK
-        config = typed(load_resumed_config(cfg, overrides) if cfg.resume else cfg)
-        with hold_folder(run_dir if rank0 else None):
-            code = maybe_spawn(config, run_dir, choices)  # ddp: start our own workers if asked
-            if code is None:
-                code = run(config, run_dir if rank0 else None, choices)
-    except UserError as e:
-        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-        return EXIT_USER_ERROR
+    if cfg.resume and summary_status(Path(cfg.resume)) == "completed" and not set(LENGTH) & set(override_keys(overrides)):
+        Console().print(f"{cfg.resume} has completed already: nothing to resume (its folder is left as it is; "
+                        "trainer.max_epochs=N or trainer.max_steps=N continues it)", highlight=False, soft_wrap=True)
+        return EXIT_OK
+    config = typed(load_resumed_config(cfg, overrides) if cfg.resume else cfg)
+    if cfg.resume and summary_status(Path(cfg.resume)) == "running" and not folder_in_use(Path(cfg.resume)):
+        Console().print(f"{cfg.resume}: its summary says running, but no process holds it (stale: the run "
+                        "died before it could record why); continuing from its last checkpoint",
+                        highlight=False, soft_wrap=True)
+    job = JobInfo.of(overrides, sweep_dir, cfg.resume)  # for the loggers: overrides, sweep folder
+    with hold_folder(run_dir if rank0 else None):
+        code = maybe_spawn(config, run_dir, choices, job)  # ddp: start our own workers if asked
+        if code is None:
+            code = run(config, run_dir if rank0 else None, choices, job=job)
     return code

@@ -1,8 +1,8 @@
 """The run's and the sweep's plots, drawn with matplotlib's object API (no pyplot global state).
 
-* ``plot_curves``: ``plots/curves.png`` of a run, from its metrics.jsonl — training loss and
-  learning rate against the step, and one panel per validation metric (``val/loss``,
-  ``val/mAP``, ``val/bpc``, ...);
+* ``plot_curves``: ``plots/curves.png`` of a run, from its metrics.jsonl — training loss,
+  learning rate and each validation metric (``val/loss``, ``val/mAP``, ``val/bpc``, ...)
+  against the step, one panel each, flat ones left out, points marked where there are few;
 * ``plot_pr_curves``: ``plots/pr_curves.png`` of a multi-label test evaluation — one
   precision-recall panel per label with its operating points at 0.5 and at the val-tuned threshold;
 * ``plot_report_bars``: ``<sweep>/plots/report_<metric>.png`` — each metric's mean ± std per group.
@@ -105,43 +105,62 @@ def validation_metrics(rows: list[dict[str, Any]]) -> list[str]:
     return list(names)
 
 
-def _draw_training(ax: Any, rows: list[dict[str, Any]]) -> None:
-    steps, loss = series(rows, "train", "loss")
-    ax.plot(steps, loss, color="tab:blue", marker="." if len(steps) < 50 else None, label="train loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("train loss", color="tab:blue")
-    ax.set_title("training")
-    lr_steps, lr = series(rows, "train", "lr")
-    if lr_steps:
-        lr_axis = ax.twinx()  # lr and loss differ by orders of magnitude: a second scale
-        lr_axis.plot(lr_steps, lr, color="tab:orange", linestyle="--")
-        lr_axis.set_ylabel("learning rate", color="tab:orange")
+FEW_POINTS = 30  # up to this many log points a curve also marks each point: one point is no line
 
 
-def plot_curves(metrics_jsonl: Path, out_png: Path, title: str | None = None) -> Path | None:
-    """Training loss and lr, and each validation metric, against the step. None when there is
-    nothing to draw (an evaluation-only run) or no matplotlib."""
+def varies(values: list[float]) -> bool:
+    """False for a flat series (the lr of a constant schedule, a sample count): its panel would
+    say nothing. A single point is drawn (as a marker)."""
+    return len(values) == 1 or max(values) - min(values) > 1e-12 * max(1.0, abs(max(values)))
+
+
+def curve_panels(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """(panel title, split, key) of each curve worth drawing: training loss, learning rate (its
+    own panel: it and the loss differ by orders of magnitude), each validation metric."""
+    panels = [("train loss", "train", "loss"), ("learning rate", "train", "lr")]
+    panels += [(name, "val", name) for name in validation_metrics(rows)]
+    drawn = []
+    for title, split, key in panels:
+        values = series(rows, split, key)[1]
+        if values and varies(values):
+            drawn.append((title, split, key))
+    return drawn
+
+
+def curves_figure(rows: list[dict[str, Any]], title: str | None = None) -> Any:
+    """The figure of ``plot_curves`` (None: nothing to draw, or no matplotlib)."""
     Figure = figure_class()
-    if Figure is None or not Path(metrics_jsonl).is_file():
+    panels = curve_panels(rows)
+    if Figure is None or not panels:
         return None
-    rows = read_metrics(metrics_jsonl)
-    has_training = bool(series(rows, "train", "loss")[0])
-    val_names = validation_metrics(rows)
-    if not has_training and not val_names:
-        return None
+    from matplotlib.ticker import MaxNLocator
+
     fig = Figure()
-    axes = panel_grid(fig, int(has_training) + len(val_names))
-    if has_training:
-        _draw_training(axes.pop(0), rows)
-    for ax, name in zip(axes, val_names):
-        steps, values = series(rows, "val", name)
-        ax.plot(steps, values, marker="o", color="tab:green")
+    colors = {"train": "tab:blue", "val": "tab:green"}
+    for ax, (name, split, key) in zip(panel_grid(fig, len(panels)), panels):
+        steps, values = series(rows, split, key)
+        ax.plot(steps, values, color="tab:orange" if key == "lr" else colors[split],
+                marker="o" if len(steps) <= FEW_POINTS else None, markersize=4)
+        if key == "lr" and min(values) > 0 and max(values) / min(values) > 10:
+            ax.set_yscale("log")  # warm-up and decay over decades
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # steps: no 15.25 ticks
         ax.set_xlabel("step")
         ax.set_title(name)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    return save(fig, Path(out_png))
+    return fig
+
+
+def plot_curves(metrics_jsonl: Path, out_png: Path, title: str | None = None) -> Path | None:
+    """Training loss, learning rate and each validation metric against the step, one panel each;
+    flat ones are left out. None when there is nothing to draw (an evaluation-only run) or no
+    matplotlib."""
+    if not Path(metrics_jsonl).is_file():
+        figure_class()  # says once that there is no matplotlib, where there is none
+        return None
+    fig = curves_figure(read_metrics(metrics_jsonl), title)
+    return save(fig, Path(out_png)) if fig is not None else None
 
 
 # --- multi-label precision-recall ------------------------------------------------------------
@@ -157,6 +176,12 @@ def _operating_point(probs: Tensor, targets: Tensor, threshold: float) -> tuple[
 def plot_pr_curves(probs: Tensor, targets: Tensor, label_names: list[str], tuned: Tensor | None,
                    out_png: Path) -> Path | None:
     """One precision-recall panel per label, marking the points at 0.5 and at the tuned threshold."""
+    fig = pr_figure(probs, targets, label_names, tuned)
+    return save(fig, Path(out_png)) if fig is not None else None
+
+
+def pr_figure(probs: Tensor, targets: Tensor, label_names: list[str], tuned: Tensor | None) -> Any:
+    """The figure of ``plot_pr_curves`` (None without matplotlib)."""
     Figure = figure_class()
     if Figure is None:
         return None
@@ -170,10 +195,13 @@ def plot_pr_curves(probs: Tensor, targets: Tensor, label_names: list[str], tuned
     for label, ax in enumerate(panel_grid(fig, len(label_names), columns=4)):
         p, t = probs[:, label], targets[:, label]
         ax.plot(recall[label].numpy(), precision[label].numpy(), color="tab:blue", drawstyle="steps-post")
-        ax.plot(*_operating_point(p, t, 0.5), "s", color="tab:red", label="at 0.5")
         if tuned is not None:
+            # A large hollow ring under a small filled square: where the tuned threshold gives
+            # the same point as 0.5 (often), both marks stay visible.
             threshold = float(tuned[label])
-            ax.plot(*_operating_point(p, t, threshold), "o", color="tab:green", label=f"at {threshold:.3g} (val-tuned)")
+            ax.plot(*_operating_point(p, t, threshold), "o", color="tab:green", markersize=11, markerfacecolor="none",
+                    markeredgewidth=2, zorder=3, label=f"at {threshold:.3g} (val-tuned)")
+        ax.plot(*_operating_point(p, t, 0.5), "s", color="tab:red", markersize=5, zorder=4, label="at 0.5")
         positives = int(t.sum())
         ax.set_title(f"{label_names[label]} ({positives} positive{'s' if positives != 1 else ''})", fontsize=9)
         ax.set_xlabel("recall")
@@ -182,7 +210,7 @@ def plot_pr_curves(probs: Tensor, targets: Tensor, label_names: list[str], tuned
         ax.set_ylim(-0.02, 1.02)
         ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
-    return save(fig, Path(out_png))
+    return fig
 
 
 # --- sweep report ----------------------------------------------------------------------------
@@ -221,3 +249,44 @@ def plot_report_bars(summary: Any, group_by: list[str], metrics: list[str], out_
         fig.tight_layout()
         written.append(save(fig, Path(out_dir) / metric_filename(metric)))
     return written
+
+
+# --- single-label confusion matrix -----------------------------------------------------------
+CELL_NUMBERS_UP_TO = 20  # classes; past it the numbers would not fit in the cells
+TICK_LABELS_UP_TO = 100  # classes; past it every k-th class is named
+
+
+def plot_confusion_matrix(confusion: Tensor, class_names: list[str], out_png: Path) -> Path | None:
+    """The confusion matrix (rows: true class, columns: predicted) normalised by true class, so
+    each row is that class's distribution of predictions and the diagonal is its recall. Each cell
+    shows its value up to 20 classes; the figure grows with the classes (names all shown up to 100)."""
+    Figure = figure_class()
+    if Figure is None:
+        return None
+    counts = confusion.double().cpu()
+    rows = counts.sum(1, keepdim=True)
+    normalised = (counts / rows.clamp_min(1)).numpy()  # a class absent from the split: a row of zeros
+    c = len(class_names)
+    side = min(max(4.5, 0.22 * c + 2.5), 24.0)
+    fig = Figure(figsize=(side + 1.0, side))
+    ax = fig.subplots()
+    image = ax.imshow(normalised, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
+    step = 1 if c <= TICK_LABELS_UP_TO else math.ceil(c / 50)
+    ticks = list(range(0, c, step))
+    cell_points = 0.75 * side * 72 / c  # about 3/4 of the figure's height is the matrix
+    fontsize = min(9.0, max(4.0, 0.55 * cell_points * step))
+    ax.set_xticks(ticks, [class_names[i] for i in ticks], rotation=90 if c > 10 else 45,
+                  ha="center" if c > 10 else "right", fontsize=fontsize)
+    ax.set_yticks(ticks, [class_names[i] for i in ticks], fontsize=fontsize)
+    if c <= CELL_NUMBERS_UP_TO:
+        for (i, j), value in ((ij, normalised[ij]) for ij in [(i, j) for i in range(c) for j in range(c)]):
+            if value > 0 or i == j:
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if value > 0.5 else "black")
+    big = 10 + side / 3  # axis labels and title keep their size relative to a large figure
+    ax.set_xlabel("predicted class", fontsize=big)
+    ax.set_ylabel("true class", fontsize=big)
+    ax.set_title(f"confusion matrix, normalised by true class ({int(counts.sum())} samples)", fontsize=big)
+    fig.tight_layout()
+    return save(fig, Path(out_png))

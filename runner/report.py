@@ -1,26 +1,35 @@
 """``python -m runner.report <sweep or run folder>``: final metrics as a table.
 
 For a sweep: one row per combination of the swept overrides (``trainer.seed`` excluded), each
-metric as mean ± std over the seeds; written to report.csv and report.md beside summary.csv, and
-as one bar chart per metric to plots/report_<metric>.png.
+metric as mean ± std over the seeds, best first. The terminal shows the monitored metric
+(``trainer.monitor``) and the test metrics that fit its width (``--all``: every metric);
+report.csv and report.md beside summary.csv hold every metric, and plots/report_<metric>.png
+one bar chart each.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pandas as pd
+from omegaconf import OmegaConf
 from rich.console import Console
 from rich.table import Table
 
 from runner import plots
 from runner.files import atomic_write_text
-from runner.sweep import write_summary_csv
+from runner.sweep import job_folders, write_summary_csv
 
 SEED_KEY = "trainer.seed"
 NON_METRICS = {"job", "status", "error", "steps", "wall_time_s"}
+# The direction of a metric that is not the runs' monitor, by the words of its name.
+HIGHER_IS_BETTER = {"map", "ap", "auroc", "auc", "accuracy", "acc", "f1", "precision", "recall", "bound", "elbo",
+                    "iou", "dice", "r2"}
+LOWER_IS_BETTER = {"loss", "nll", "bpc", "ppl", "perplexity", "error", "err", "ece", "mse", "mae", "rmse", "kl"}
 
 
 def metric_columns(table: pd.DataFrame, wanted: list[str] | None) -> list[str]:
@@ -35,6 +44,31 @@ def metric_columns(table: pd.DataFrame, wanted: list[str] | None) -> list[str]:
 
 def swept_keys(table: pd.DataFrame, override_keys: list[str]) -> list[str]:
     return [k for k in override_keys if k != SEED_KEY and table[k].astype(str).nunique() > 1]
+
+
+def monitor_of(folder: Path) -> tuple[str | None, str | None]:
+    """(trainer.monitor, trainer.monitor_mode) that most of the sweep's jobs ran with."""
+    found = Counter()
+    for job in job_folders(folder):
+        saved = job / ".hydra" / "config.yaml"
+        if saved.is_file():
+            cfg = OmegaConf.load(saved)
+            found[tuple(OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=False)
+                        for key in ("trainer.monitor", "trainer.monitor_mode"))] += 1
+    return found.most_common(1)[0][0] if found else (None, None)
+
+
+def direction(metric: str, monitor: str | None, monitor_mode: str | None) -> str | None:
+    """"max", "min" or None (unknown): the runs' monitor_mode for the monitor, else the words
+    of the name (``test/nll_k5000``: nll, lower is better; ``val/macro_f1``: f1, higher)."""
+    if metric == monitor and str(monitor_mode) in ("max", "min"):
+        return str(monitor_mode)
+    for word in re.split(r"[^a-z0-9]+", metric.rsplit("/", 1)[-1].lower()):
+        if word in LOWER_IS_BETTER:
+            return "min"
+        if word in HIGHER_IS_BETTER:
+            return "max"
+    return None
 
 
 def aggregate(table: pd.DataFrame, group_by: list[str], metrics: list[str]) -> pd.DataFrame:
@@ -64,30 +98,65 @@ def formatted(summary: pd.DataFrame, group_by: list[str], metrics: list[str]) ->
 def render(shown: pd.DataFrame, title: str) -> Table:
     table = Table(title=title)
     for column in shown.columns:
-        table.add_column(str(column), justify="right" if column not in ("all",) else "left")
+        # fold, not "…": a cell too wide for the terminal wraps and keeps every digit
+        table.add_column(str(column), justify="right" if column not in ("all",) else "left", overflow="fold")
     for row in shown.itertuples(index=False):
         table.add_row(*(str(v) for v in row))
     return table
 
 
+def fits(console: Console, shown: pd.DataFrame) -> bool:
+    """Whether the table's natural width (measured without the terminal's limit) fits it."""
+    unlimited = console.options.update_width(10_000)
+    return console.measure(render(shown, ""), options=unlimited).maximum <= console.width
+
+
+def terminal_metrics(console: Console, summary: pd.DataFrame, group_by: list[str], metrics: list[str],
+                     monitor: str | None) -> list[str]:
+    """The monitored metric, then the test metrics (the monitor's own first: val/mAP -> test/mAP)
+    as long as the table fits the terminal's width."""
+    counterpart = f"test/{monitor.split('/', 1)[-1]}" if monitor else None
+    tests = sorted((m for m in metrics if m.startswith("test/")), key=lambda m: m != counterpart)  # stable
+    chosen = [monitor] if monitor in metrics else []
+    for metric in tests:
+        if not chosen or fits(console, formatted(summary, group_by, [*chosen, metric])):
+            chosen.append(metric)
+    return chosen or metrics[:1]
+
+
+def sort_best_first(summary: pd.DataFrame, metric: str, monitor: str | None, monitor_mode: str | None,
+                    console: Console) -> pd.DataFrame:
+    best = direction(metric, monitor, monitor_mode)
+    if best is None:
+        console.print(f"[yellow]which way {metric} is better is not known: sorted ascending", highlight=False)
+    return summary.sort_values(f"{metric} mean", ascending=best != "max", na_position="last", kind="stable")
+
+
 def report_sweep(folder: Path, metrics: list[str] | None, sort: str | None, group_by: list[str] | None,
-                 console: Console) -> pd.DataFrame:
+                 console: Console, every: bool = False) -> pd.DataFrame:
     table = write_summary_csv(folder)
     override_keys = [c for c in table.columns if c not in NON_METRICS and "/" not in c]
-    metrics = metric_columns(table, metrics)
+    chosen = metric_columns(table, metrics)  # --metric, else every metric
     keys = group_by if group_by is not None else swept_keys(table, override_keys)
-    summary = aggregate(table, keys, metrics)
+    summary = aggregate(table, keys, chosen)
+    monitor, monitor_mode = monitor_of(folder)
+    if monitor is None and "val/loss" in chosen:
+        monitor, monitor_mode = "val/loss", "min"  # jobs without a saved config: the trainer's default
+    sort = sort or (monitor if monitor in chosen else None)
     if sort:
-        column = f"{sort} mean"
-        if column not in summary.columns:
-            raise SystemExit(f"error: --sort {sort} is not a reported metric; choose one of: {', '.join(metrics)}")
-        summary = summary.sort_values(column)
-    shown = formatted(summary, keys or ["all"], metrics)
+        if f"{sort} mean" not in summary.columns:
+            raise SystemExit(f"error: --sort {sort} is not a reported metric; choose one of: {', '.join(chosen)}")
+        summary = sort_best_first(summary, sort, monitor, monitor_mode, console)
+    group_columns = keys or ["all"]
     atomic_write_text(folder / "report.csv", summary.to_csv(index=False))
-    atomic_write_text(folder / "report.md", shown.to_markdown(index=False) + "\n")
-    charts = plots.draw_safely("report plots", plots.plot_report_bars, summary, keys, metrics, folder / "plots") or []
+    atomic_write_text(folder / "report.md", formatted(summary, group_columns, chosen).to_markdown(index=False) + "\n")
+    charts = plots.draw_safely("report plots", plots.plot_report_bars, summary, keys, chosen, folder / "plots") or []
+    shown = chosen if metrics or every else terminal_metrics(console, summary, group_columns, chosen, monitor)
+    order = f", best {sort} first" if sort else ""
+    console.print(render(formatted(summary, group_columns, shown), f"{folder.name}: mean ± std over {SEED_KEY}{order}"))
+    if len(shown) < len(chosen):
+        console.print(f"{len(chosen) - len(shown)} more metric(s) in report.csv / report.md (--all shows them here)")
     failed = table[table["status"] != "completed"]
-    console.print(render(shown, f"{folder.name}: mean ± std over {SEED_KEY}"))
     if len(failed):
         console.print(f"[yellow]{len(failed)} job(s) did not complete: {', '.join(failed['job'].astype(str))}")
     written = [folder / "report.csv", folder / "report.md"] + ([folder / "plots" / "report_*.png"] if charts else [])
@@ -110,8 +179,11 @@ def report_run(folder: Path, console: Console) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m runner.report", description=__doc__.splitlines()[0])
     parser.add_argument("folder", type=Path, help="a sweep folder (outputs/multirun/...) or a run folder")
-    parser.add_argument("--metric", action="append", help="metric to show (repeatable); default: all")
-    parser.add_argument("--sort", help="sort rows by this metric's mean")
+    parser.add_argument("--metric", action="append",
+                        help="metric to report (repeatable); default: the monitored one and the test metrics that "
+                             "fit the terminal (report.csv and report.md get every metric)")
+    parser.add_argument("--all", action="store_true", help="show every metric in the terminal too")
+    parser.add_argument("--sort", help="sort rows best-first by this metric's mean; default: trainer.monitor")
     parser.add_argument("--group-by", help="comma-separated override keys to group by; default: the swept ones")
     args = parser.parse_args(argv)
     console = Console()
@@ -124,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         if (folder / "summary.json").is_file() and not any((folder / d / ".hydra").is_dir() for d in ("0", "1")):
             report_run(folder, console)
         else:
-            report_sweep(folder, args.metric, args.sort, group_by, console)
+            report_sweep(folder, args.metric, args.sort, group_by, console, every=args.all)
     except SystemExit as e:
         console.print(str(e), highlight=False)
         return 2

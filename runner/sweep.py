@@ -9,7 +9,7 @@ import pandas as pd
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from runner.files import atomic_write_text
+from runner.files import atomic_write_text, folder_in_use
 
 
 def job_row(job_dir: Path) -> dict[str, Any]:
@@ -24,6 +24,8 @@ def job_row(job_dir: Path) -> dict[str, Any]:
     if summary_file.is_file():
         summary = json.loads(summary_file.read_text())
         row["status"] = summary.get("status")
+        if row["status"] == "running" and not folder_in_use(job_dir):
+            row["status"] = "stale"  # says running, but no process holds the folder: it died unrecorded
         row["error"] = summary.get("error")
         row["steps"] = summary.get("steps")
         row["wall_time_s"] = summary.get("wall_time_s")

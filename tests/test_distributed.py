@@ -90,3 +90,28 @@ def test_ddp_multirun_gives_one_folder_per_job(tmp_path):
     for job in jobs:
         assert summary(sweep / job)["status"] == "completed"
     assert not (tmp_path / "runs").exists()
+
+
+def test_ddp_sigterm_checkpoints_once_and_logs(tmp_path):
+    """SIGTERM to `python -m runner device=ddp`: the workers hear it once, rank 0 checkpoints,
+    the run exits 143 (recorded as SIGTERM), rank 0 wrote run.log, and resume= finishes it."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "runner", *BASE, *DDP2, "trainer.batch_size=8", "trainer.max_epochs=300",
+                             "trainer.log_every_n_steps=1", f"output_root={tmp_path}"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    while time.time() < deadline and not list(tmp_path.glob("runs/*/checkpoints/last.pt")):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 143, err[-2000:]
+    run_dir = only_run_folder(tmp_path)
+    s = summary(run_dir)
+    assert s["status"] == "interrupted" and s["error"] == "interrupted by SIGTERM" and s["stop_reason"] == "interrupted"
+    assert "run folder" in (run_dir / "run.log").read_text()
+    assert (out + err).count("interrupted by SIGTERM") == 1  # one message, from rank 0
+    resumed = run_cli(f"resume={run_dir}", "trainer.max_epochs=301")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert summary(run_dir)["status"] == "completed"

@@ -2,6 +2,7 @@
 authors' formula written out literally, hand-computed weights; gradients at extreme logits."""
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -116,6 +117,55 @@ def test_class_balanced_hand_computed():
         ml.class_balanced(counts, base="hinge")
 
 
+def test_a_label_without_positives_gets_a_neutral_weight_and_one_warning(caplog):
+    counts, n = [0, 10, 40], 100
+    with caplog.at_level(logging.WARNING, logger="runner"):
+        pos_weight = ml.bce_pos_weight(counts, n, label_names=["rare", "b", "c"]).pos_weight
+        inverse = ml.bce_inverse_freq(counts, n, label_names=["rare", "b", "c"]).label_weight
+        balanced = ml.class_balanced(counts, beta=0.99, label_names=["rare", "b", "c"]).label_weight
+    assert pos_weight.tolist() == pytest.approx([1.0, 9.0, 1.5])  # not N - 1 = 99
+    raw = [(10 + 2.5) / 2, 10, 2.5]  # N / n_l, the empty label at the others' mean
+    assert inverse.tolist() == pytest.approx([3 * r / sum(raw) for r in raw])
+    effective = [(1 - 0.99) / (1 - 0.99**c) for c in (10, 40)]
+    raw = [sum(effective) / 2, *effective]
+    assert balanced.tolist() == pytest.approx([3 * r / sum(raw) for r in raw], rel=1e-6)
+    warnings = [r.message for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 3 and all("label rare has no positive training example" in w for w in warnings)
+
+
+def test_the_multilabel_family_names_the_label_in_the_warning(caplog):
+    from runner.engine.family import DataBundle
+    from runner.families.multilabel import build
+
+    labels = torch.tensor([[0.0, 1.0], [0.0, 0.0], [0.0, 1.0]])
+    bundle = DataBundle("multilabel", None, None, None, info={"num_labels": 2, "label_names": ["bag", "dress"],
+                                                              "train_labels": labels, "prevalence": [0.0, 0.67]})
+    with caplog.at_level(logging.WARNING, logger="runner"):
+        family = build(bundle, {"_target_": "torch.nn.Identity"},
+                       {"_target_": "runner.losses.multilabel.bce_pos_weight"})
+    assert family.loss.pos_weight.tolist() == pytest.approx([1.0, 0.5])
+    assert any("label bag has no positive" in r.message for r in caplog.records)
+
+
+def test_class_balanced_beta_follows_the_sample_count(caplog):
+    """beta=0.999 saturates at the practitioners' counts (every weight 1.0000); beta=null takes
+    (N - 1) / N, which spreads the weights as the paper intends."""
+    saturated = ml.class_balanced_weights(PRACTITIONERS_COUNTS, 0.999)
+    assert saturated.tolist() == pytest.approx([1.0] * 4, abs=1e-4)
+    with caplog.at_level(logging.INFO, logger="runner"):
+        loss = ml.class_balanced(PRACTITIONERS_COUNTS, num_samples=PRACTITIONERS_N, label_names=list("abcd"))
+    beta = (PRACTITIONERS_N - 1) / PRACTITIONERS_N
+    raw = [(1 - beta) / (1 - beta**c) for c in PRACTITIONERS_COUNTS]
+    assert loss.label_weight.tolist() == pytest.approx([4 * r / sum(raw) for r in raw], rel=1e-5)
+    assert float(loss.label_weight[0] / loss.label_weight[3]) > 4  # rarest vs commonest label
+    logged = [r.message for r in caplog.records if r.message.startswith("class_balanced:")]
+    assert len(logged) == 1 and "beta=0.9999955" in logged[0] and "a 1.94" in logged[0]
+    explicit = ml.class_balanced(PRACTITIONERS_COUNTS, beta=0.999, num_samples=PRACTITIONERS_N).label_weight
+    assert torch.allclose(explicit, saturated)
+    with pytest.raises(UserError, match="loss.beta=null"):
+        ml.class_balanced(PRACTITIONERS_COUNTS)
+
+
 def test_interval_penalty_hand_computed():
     values = torch.tensor([-3.0, -1.0, 0.0, 1.0, 2.5])
     assert interval_penalty(values, -1.0, 1.0).tolist() == pytest.approx([4.0, 0.0, 0.0, 0.0, 2.25])
@@ -150,7 +200,7 @@ ALL_LOSSES = {
     "asl": lambda: ml.asl(),
     "asl_gamma_below_one": lambda: ml.asl(gamma_neg=0.5, gamma_pos=0.5, clip=0.05, eps=0.0),
     "asl_no_clip": lambda: ml.asl(clip=0.0),
-    "class_balanced": lambda: ml.class_balanced(PRACTITIONERS_COUNTS),
+    "class_balanced": lambda: ml.class_balanced(PRACTITIONERS_COUNTS, num_samples=PRACTITIONERS_N),
     "interval_probs": lambda: ml.bce(interval={"low": 0.1, "high": 0.9, "on": "probabilities"}),
 }
 

@@ -208,10 +208,12 @@ def test_incompatible_pair_on_the_command_line_is_one_line(tmp_path):
 
 # --- presets whose parts swap -------------------------------------------------------------------
 SUPPLIED = {  # what each family's code passes to the builders (not set by configs)
-    "multilabel": {"model": {"num_outputs": 4}, "loss": {"pos_counts": [1], "num_samples": 2}},
+    "multilabel": {"model": {"num_outputs": 4}, "loss": {"pos_counts": [1], "num_samples": 2, "label_names": ["a"]}},
     "density": {"model": {"x_dim": 784, "train_mean": None}, "loss": {}},
     "charlm": {"model": {"vocab_size": 10}, "loss": {}},
     "regression": {"model": {"dim": 8}, "loss": {}},
+    "classification": {"model": {"num_outputs": 10, "in_channels": 1},
+                       "loss": {"class_counts": [5, 5], "class_names": ["a", "b"]}},
 }
 
 

@@ -1,5 +1,6 @@
-"""Plots and loggers: plots/curves.png, the TensorBoard event file, the multi-label PR curves,
-the sweep report's bar charts, and runs that go on without matplotlib or tensorboard."""
+"""Plots and the TensorBoard logger: plots/curves.png (panels, markers), the TensorBoard event
+file, the multi-label PR curves, the sweep report's bar charts, runs that go on without
+matplotlib, and tensorboard missing (exit 2). The other loggers: test_loggers.py."""
 from __future__ import annotations
 
 import json
@@ -131,14 +132,13 @@ def test_a_failing_plot_does_not_fail_the_run(tmp_path, caplog, monkeypatch):
     assert len(warnings_about(caplog, "could not draw plots/curves.png: RuntimeError: no ink")) == 1
 
 
-def test_tensorboard_absent_falls_back_to_metrics_jsonl(tmp_path, caplog, monkeypatch):
-    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
-    with caplog.at_level(logging.WARNING, logger="runner"):
-        code, run_dir = run_in_process(tmp_path, *REGRESSION, "logger=tensorboard")
-    assert code == 0
-    assert len(warnings_about(caplog, "tensorboard is not installed")) == 1
-    assert not (run_dir / "tensorboard").exists()
-    assert any(r["split"] == "val" for r in metric_rows(run_dir))
+def test_tensorboard_absent_exits_2_naming_the_extra(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # as if not installed
+    code, run_dir = run_in_process(tmp_path, *REGRESSION, "logger=tensorboard")
+    assert code == 2
+    error = json.loads((run_dir / "summary.json").read_text())["error"]
+    assert error == "logger=tensorboard needs tensorboard: pip install 'runner[tensorboard]'"
+    assert not (run_dir / "tensorboard").exists() and not (run_dir / "metrics.jsonl").exists()
 
 
 def test_a_resumed_run_shows_each_step_once(tmp_path):
@@ -146,15 +146,53 @@ def test_a_resumed_run_shows_each_step_once(tmp_path):
     later value of each step."""
     pytest.importorskip("tensorboard")
     from runner.engine.results import RunResults
+    from runner.loggers import RunInfo
 
-    first = RunResults(tmp_path, logger="tensorboard")
+    run = RunInfo(run_dir=tmp_path, output_root=tmp_path, name="interrupted", title="interrupted")
+    first = RunResults(tmp_path, run=run, logger=["tensorboard"])
     for step in (4, 8, 12):
         first.log({"epoch": 0, "step": step, "split": "train", "loss": float(step)})
-    first.finish({"name": "interrupted"})
-    resumed = RunResults(tmp_path, logger="tensorboard")  # restarted from the checkpoint of step 6
+    first.finish()
+    resumed = RunResults(tmp_path, run=run, logger=["tensorboard"])  # restarted from the checkpoint of step 6
     for step in (8, 12, 16):
         resumed.log({"epoch": 0, "step": step, "split": "train", "loss": 100.0 + step})
-    resumed.finish({"name": "resumed"})
+    resumed.finish()
     want = {4: 4.0, 8: 108.0, 12: 112.0, 16: 116.0}
     assert plots.series(metric_rows(tmp_path), "train", "loss") == (list(want), list(want.values()))
     assert tensorboard_scalars(tmp_path / "tensorboard")["train/loss"] == want
+
+
+def rows_of(steps, split="train", **series):
+    """metrics.jsonl rows: one per step, each series' value at it."""
+    return [{"epoch": 0, "step": step, "split": split, **{k.replace("__", "/"): v[i] for k, v in series.items()}}
+            for i, step in enumerate(steps)]
+
+
+def test_curves_mark_few_points_skip_flat_panels_and_give_the_lr_its_own_panel():
+    pytest.importorskip("matplotlib")
+    rows = rows_of([4, 8, 12], loss=[3.0, 2.0, 1.5], lr=[0.1, 0.1, 0.1])  # a constant schedule
+    rows += rows_of([12], split="val", val__loss=[1.7], val__n=[64.0])  # one validation
+    rows += rows_of([24], split="val", val__loss=[1.4], val__n=[64.0])
+    fig = plots.curves_figure(rows, title="regression-optim=adam")
+    panels = {ax.get_title(): ax for ax in fig.axes if ax.get_visible()}
+    assert set(panels) == {"train loss", "val/loss"}  # lr and val/n are flat: left out
+    assert all(ax.lines[0].get_marker() == "o" for ax in panels.values())  # 3 and 2 points: marked
+    assert fig._suptitle.get_text() == "regression-optim=adam"
+
+    decaying = rows_of(range(1, 101), loss=[1 / s for s in range(1, 101)], lr=[0.1 * 0.9 ** s for s in range(100)])
+    panels = {ax.get_title(): ax for ax in plots.curves_figure(decaying).axes if ax.get_visible()}
+    assert set(panels) == {"train loss", "learning rate"}
+    assert len(panels["learning rate"].lines) == 1 and panels["learning rate"].get_yscale() == "log"
+    assert panels["train loss"].lines[0].get_marker() in ("None", None, "")  # 100 points: a line
+
+
+def test_pr_curves_keep_the_point_at_half_visible_on_the_tuned_one():
+    pytest.importorskip("matplotlib")
+    probs, targets = torch.rand(40, 2), (torch.rand(40, 2) < 0.4).float()
+    fig = plots.pr_figure(probs, targets, ["a", "b"], torch.tensor([0.5, 0.5]))  # both thresholds coincide
+    for ax in fig.axes[:2]:
+        marks = {line.get_label(): line for line in ax.lines if line.get_marker() in ("o", "s")}
+        half, tuned = marks["at 0.5"], marks["at 0.5 (val-tuned)"]
+        assert half.get_xydata().tolist() == tuned.get_xydata().tolist()  # the same point
+        assert half.get_zorder() > tuned.get_zorder()  # the 0.5 square on top...
+        assert tuned.get_markerfacecolor() == "none" and tuned.get_markersize() > half.get_markersize()  # ...in a ring

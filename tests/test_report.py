@@ -1,6 +1,8 @@
-"""runner.report on a synthetic sweep folder: group means and stds against numpy by hand."""
+"""runner.report on a synthetic sweep folder: group means and stds against numpy by hand; the
+columns the terminal shows, their order best-first, and every column in the files."""
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -8,7 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from runner.report import main
+from rich.console import Console
+
+from runner.report import direction, main, report_sweep
 
 
 def make_sweep(root: Path) -> dict:
@@ -35,7 +39,7 @@ def test_sweep_report_means_and_stds(tmp_path, capsys):
     values = make_sweep(tmp_path)
     assert main([str(tmp_path), "--metric", "test/mAP", "--sort", "test/mAP"]) == 0
     report = pd.read_csv(tmp_path / "report.csv")
-    assert list(report["loss"]) == ["bce", "focal"]  # asl failed: not averaged, reported
+    assert list(report["loss"]) == ["focal", "bce"]  # best mAP first; asl failed: not averaged, reported
     for loss, vals in values.items():
         row = report[report["loss"] == loss].iloc[0]
         assert row["test/mAP mean"] == pytest.approx(np.mean(vals))
@@ -59,3 +63,71 @@ def test_report_of_a_single_run(tmp_path, capsys):
     (tmp_path / "summary.json").write_text(json.dumps({"status": "completed", "metrics": {"test/mAP": 0.25}}))
     assert main([str(tmp_path)]) == 0
     assert "test/mAP" in capsys.readouterr().out
+
+
+CLASSIFIER_METRICS = ("val/mAP", "val/loss", "test/loss", "test/macro_auroc", "test/macro_f1", "test/micro_f1",
+                      "test/macro_precision", "test/macro_recall", "test/macro_f1_tuned", "test/mAP")
+
+
+def make_wide_sweep(root: Path, monitor: str = "val/mAP", mode: str = "max") -> None:
+    """Four losses x two learning rates x two seeds, ten metrics each, saved configs that say
+    what the runs monitored."""
+    job = 0
+    for loss_index, loss in enumerate(("bce", "bce_pos_weight", "focal", "asl")):
+        for lr in ("0.001", "0.0001"):
+            for seed in (0, 1):
+                folder = root / str(job)
+                (folder / ".hydra").mkdir(parents=True)
+                (folder / ".hydra" / "overrides.yaml").write_text(f"- loss={loss}\n- optim.lr={lr}\n- trainer.seed={seed}\n")
+                (folder / ".hydra" / "config.yaml").write_text(f"trainer:\n  monitor: {monitor}\n  monitor_mode: {mode}\n")
+                # every metric grows with the loss's index: asl is best on val/mAP, bce on val/loss
+                metrics = {m: 0.1 * loss_index + 0.001 * i + 0.0001 * seed for i, m in enumerate(CLASSIFIER_METRICS)}
+                (folder / "summary.json").write_text(json.dumps({"status": "completed", "metrics": metrics}))
+                job += 1
+
+
+def terminal_report(folder: Path, width: int, **kwargs) -> tuple[str, pd.DataFrame]:
+    console = Console(width=width, file=io.StringIO())
+    summary = report_sweep(folder, kwargs.pop("metrics", None), kwargs.pop("sort", None), None, console, **kwargs)
+    return console.file.getvalue(), summary
+
+
+def table_header(text: str) -> str:
+    return next(line for line in text.splitlines() if "seeds" in line)
+
+
+def test_report_shows_the_monitor_and_the_test_metrics_that_fit(tmp_path):
+    make_wide_sweep(tmp_path)
+    text, summary = terminal_report(tmp_path, 80)
+    assert "…" not in text and max(len(line) for line in text.splitlines() if "│" in line) <= 80
+    header = table_header(text)
+    assert header.index("val/mAP") < header.index("test/mAP")  # the monitor, then its test counterpart
+    assert "val/loss" not in header
+    assert list(summary["loss"].drop_duplicates()) == ["asl", "focal", "bce_pos_weight", "bce"]  # max first
+    assert "more metric(s) in report.csv" in text
+    # the files keep every metric, whatever the terminal showed
+    report = pd.read_csv(tmp_path / "report.csv")
+    assert {f"{m} mean" for m in CLASSIFIER_METRICS} <= set(report.columns)
+    assert all(m in (tmp_path / "report.md").read_text() for m in CLASSIFIER_METRICS)
+    wide, _ = terminal_report(tmp_path, 200)
+    assert len([m for m in CLASSIFIER_METRICS if m in table_header(wide)]) > len(
+        [m for m in CLASSIFIER_METRICS if m in header])
+
+
+def test_report_all_and_sort_directions(tmp_path):
+    make_wide_sweep(tmp_path, monitor="val/loss", mode="min")
+    text, summary = terminal_report(tmp_path, 80, every=True)
+    assert "…" not in text  # squeezed cells wrap instead
+    assert list(summary["loss"].drop_duplicates()) == ["bce", "bce_pos_weight", "focal", "asl"]  # min first
+    _, by_f1 = terminal_report(tmp_path, 80, sort="test/macro_f1")
+    assert list(by_f1["loss"].drop_duplicates())[0] == "asl"
+
+
+@pytest.mark.parametrize("metric, expected", [
+    ("test/mAP", "max"), ("val/macro_f1_tuned", "max"), ("test/balanced_accuracy", "max"), ("test/bound", "max"),
+    ("test/nll_k5000", "min"), ("val/bpc", "min"), ("test/loss", "min"), ("test/ece", "min"),
+    ("test/active_units_1", None), ("val/n", None),
+])
+def test_metric_directions(metric, expected):
+    assert direction(metric, None, None) == expected
+    assert direction(metric, metric, "max") == "max"  # the runs' monitor_mode wins for the monitor

@@ -149,7 +149,10 @@ def caltech_silhouettes(root: str = "data/caltech101_silhouettes") -> DataBundle
     path = Path(root).expanduser() / CALTECH_FILE
     if not path.is_file():
         raise UserError(f"{CALTECH_FILE} not found in dataset.root={root}")
-    mat = loadmat(path)
+    try:
+        mat = loadmat(path)
+    except Exception as e:  # noqa: BLE001 - scipy raises several kinds for a file that is not .mat
+        raise UserError(f"{path} is not a MATLAB .mat file that scipy can read: {str(e).splitlines()[0]}") from None
     splits = {}
     for split in ("train", "val", "test"):
         key = f"{split}_data"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gzip
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +24,11 @@ def find_idx(root: str | Path, stem: str) -> Path:
 def read_idx(path: str | Path) -> np.ndarray:
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError, zlib.error) as e:  # a truncated or corrupt .gz
+        raise UserError(f"{path} cannot be read (truncated or not gzip data): {e}") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _DTYPES:
         raise UserError(f"{path} is not an IDX file (bad magic number)")
     ndim = data[3]

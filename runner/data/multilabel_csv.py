@@ -26,6 +26,7 @@ std (the statistics DenseNet121's ImageNet weights expect). Where that happens i
 """
 from __future__ import annotations
 
+import csv as csv_module
 import functools
 from pathlib import Path
 from typing import Any
@@ -156,9 +157,14 @@ def _read_csv(csv: str) -> pd.DataFrame:
     if not path.is_file():
         raise UserError(f"dataset CSV {csv!r}: no such file")
     try:
-        return pd.read_csv(path, index_col=False)
+        header = next(csv_module.reader(path.open(newline="", encoding="utf-8")), [])
+        frame = pd.read_csv(path, index_col=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
         raise UserError(f"dataset CSV {csv!r} cannot be parsed: {e}") from None
+    repeated = sorted({name for name in header if header.count(name) > 1})
+    if repeated:  # pandas would rename the second one ("cat.1") and train it as a label of its own
+        raise UserError(f"{csv}, line 1: column {repeated[0]!r} appears more than once")
+    return frame
 
 
 def _plain(value: object) -> object:
@@ -179,7 +185,8 @@ def _split_dataset(frame: pd.DataFrame, csv: str, split: str, image_dir: Path, p
         raise UserError(f"{csv}: the {split} split is empty (no rows)")
     lines = [int(i) + 2 for i in frame.index]  # +1 for the header, +1 because lines count from 1
     values = frame[label_columns]
-    bad = ~values.isin([0, 1])
+    # Compared as numbers: one text entry ("abc") makes pandas read the whole column as text.
+    bad = ~values.apply(pd.to_numeric, errors="coerce").isin([0, 1])
     if bad.to_numpy().any():
         row, col = next(zip(*bad.to_numpy().nonzero()))
         raise UserError(f"{csv}, line {lines[row]}: label {label_columns[col]!r} is {_plain(values.iat[row, col])!r}; "
@@ -192,7 +199,7 @@ def _split_dataset(frame: pd.DataFrame, csv: str, split: str, image_dir: Path, p
         if not path.is_file():
             raise UserError(f"{csv}, line {line}: image file {path} does not exist")
         paths.append(path)
-    labels = torch.tensor(values.to_numpy(dtype="float32"))
+    labels = torch.tensor(values.apply(pd.to_numeric).to_numpy(dtype="float32"))
     return CSVImages(paths, labels, lines, csv, image_size, on_device)
 
 

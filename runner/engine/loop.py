@@ -13,8 +13,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -45,6 +46,9 @@ class LoopState:
     samples_seen: int = 0  # units (samples or tokens) trained on, all processes
     skipped_steps: int = 0  # non-finite steps skipped (trainer.skip_nonfinite)
     best: float | None = None  # best value of trainer.monitor so far
+    stale_validations: int = 0  # validations since trainer.monitor last improved by min_delta
+    stopped_early: bool = False
+    top: list = field(default_factory=list)  # [value, step] of the checkpoints kept (save_top_k > 1), best first
 
 
 class TrainingClock:
@@ -159,6 +163,7 @@ class Trainer:
         for _ in range(steps):
             self.schedule.step_end()  # also after a skipped step: the lr stays a function of the step count
         self.state.step += steps
+        self.progress.advance(self.state.step, self.state.epoch)  # host-side only: no device read
         if not self.ctx.distributed:  # under DDP the units are counted on the device (sync_counts)
             self.state.samples_seen += units
         if self.stepper.last_skipped:
@@ -182,7 +187,7 @@ class Trainer:
             self.state.epoch += 1
             self.state.batch_in_epoch = 0
             self.schedule.epoch_end()
-        if self.val_every == 0:
+        if self.val_every == 0 and not self.state.stopped_early:
             self.validate()
         self.save("last")
         if stop.signum is not None:
@@ -213,7 +218,12 @@ class Trainer:
         return every > 0 and self.state.step // every != (self.state.step - steps) // every
 
     def done(self) -> bool:
-        return self.state.step >= self.total_steps
+        return self.state.step >= self.total_steps or self.state.stopped_early
+
+    def stop_reason(self) -> str:
+        if self.state.stopped_early:
+            return "early_stopping"
+        return "max_steps" if 0 < self.t.max_steps <= self.state.step else "max_epochs"
 
     def log_training(self) -> None:
         self.stepper.check_finite(self.state.step, self.bundle.family)
@@ -245,10 +255,49 @@ class Trainer:
                                 f"it produces: {produced}")
             monitored = metrics[self.t.monitor]
             self.schedule.validated(monitored)
-            if math.isfinite(monitored) and (self.state.best is None
-                                             or self.monitor_sign * monitored < self.monitor_sign * self.state.best):
-                self.state.best = monitored
+            self.judge(monitored)
+
+    def judge(self, monitored: float) -> None:
+        """Keep the best checkpoints by trainer.monitor, and stop early when it has not improved
+        by min_delta for ``patience`` validations. Every process sees the same reduced metrics,
+        so under DDP every rank stops at the same step."""
+        if not math.isfinite(monitored):
+            return
+        sign, best, stopping = self.monitor_sign, self.state.best, self.t.early_stopping
+        if best is None or sign * monitored < sign * best - stopping.min_delta:
+            self.state.stale_validations = 0
+        else:
+            self.state.stale_validations += 1
+        if best is None or sign * monitored < sign * best:
+            self.state.best = monitored
+            if self.t.save_top_k == 1:
                 self.save("best")
+        if self.t.save_top_k > 1:
+            self.keep_if_top(monitored)
+        if 0 < stopping.patience <= self.state.stale_validations:
+            self.state.stopped_early = True
+            self.progress.message(f"early stopping at step {self.state.step}: {self.t.monitor} has not improved by "
+                                  f"{stopping.min_delta} for {stopping.patience} validations")
+
+    def keep_if_top(self, value: float) -> None:
+        """save_top_k > 1: checkpoints/best_step<N>.pt for the k best validations; best.pt is a
+        second name (a hard link: no more disk) of the best of them."""
+        top, k, sign = self.state.top, self.t.save_top_k, self.monitor_sign
+        if len(top) >= k and sign * value >= sign * top[-1][0]:
+            return
+        self.save(f"best_step{self.state.step}")
+        top.append([value, self.state.step])
+        top.sort(key=lambda entry: (sign * entry[0], entry[1]))
+        folder = self.run_dir / "checkpoints" if self.run_dir is not None and self.ctx.is_main else None
+        for _, step in top[k:]:
+            if folder is not None:
+                (folder / f"best_step{step}.pt").unlink(missing_ok=True)
+        del top[k:]
+        if folder is not None and top[0][1] == self.state.step:
+            link = folder / ".best.pt.link"
+            link.unlink(missing_ok=True)
+            os.link(folder / f"best_step{self.state.step}.pt", link)
+            os.replace(link, folder / "best.pt")
 
     def warn_if_batchnorm_accumulates(self) -> None:
         if self.accumulate > 1 and has_batchnorm(self.family.raw_model):

@@ -1,5 +1,6 @@
-"""The run folder's result files: metrics.jsonl (one row per logged evaluation), summary.json,
-the TensorBoard event file (``logger=tensorboard``) and ``plots/curves.png``."""
+"""The run folder's result files: metrics.jsonl (one row per logged evaluation), summary.json and
+``plots/curves.png``; each row and the end of the run also go to the run's loggers
+(``logger=[csv,tensorboard,mlflow,wandb]``, runner/loggers/)."""
 from __future__ import annotations
 
 import json
@@ -11,9 +12,9 @@ from typing import Any
 
 from runner import plots
 from runner.files import append_line, atomic_write_json, atomic_write_text
+from runner.loggers import Loggers, RunInfo
 
 STATUSES = ("running", "completed", "failed", "interrupted")
-ROW_KEYS = ("epoch", "step", "split")  # where a row sits, not what it measured
 log = logging.getLogger(__name__)
 
 
@@ -27,10 +28,12 @@ def _plain(value: Any) -> Any:
 class RunResults:
     """Writes a run's result files. Only the main process writes; others hold a disabled copy."""
 
-    def __init__(self, run_dir: Path | None, logger: str = "csv"):
+    def __init__(self, run_dir: Path | None, run: RunInfo | None = None, logger: Any = None):
+        """``run`` describes the run to the loggers that ``logger`` (the config node) selects;
+        they start when summary.json first says ``running``."""
         self.run_dir = Path(run_dir) if run_dir is not None else None
-        self.logger = logger
-        self.writer: Any = None  # TensorBoard's SummaryWriter, opened at the first row
+        self.run = run if self.enabled else None
+        self.loggers = Loggers(logger, self.run)
         self.started = time.time()
         self.held = False
         self.summary: dict[str, Any] = {
@@ -49,41 +52,15 @@ class RunResults:
     def enabled(self) -> bool:
         return self.run_dir is not None
 
+    @property
+    def title(self) -> str | None:
+        return self.run.title if self.run is not None else None
+
     def log(self, row: dict[str, Any]) -> None:
         if self.enabled:
+            self.loggers.start()  # before the row is kept: a logger starting reads metrics.jsonl
             append_line(self.run_dir / "metrics.jsonl", json.dumps({k: _plain(v) for k, v in row.items()}))
-            if self.logger == "tensorboard":
-                self.log_tensorboard(row)
-
-    def log_tensorboard(self, row: dict[str, Any]) -> None:
-        """Every number of the row as a scalar at the row's step; training metrics get the
-        ``train/`` prefix that evaluation metrics already carry (``val/loss``)."""
-        step = row.get("step") or 0  # evaluation-only rows have no step
-        writer = self.tensorboard_writer(step)
-        if writer is None:
-            return
-        prefix = "train/" if row.get("split") == "train" else ""
-        for key, value in row.items():
-            if key not in ROW_KEYS and isinstance(value, (int, float)) and not isinstance(value, bool):
-                writer.add_scalar(f"{prefix}{key}", value, global_step=step)
-
-    def tensorboard_writer(self, first_step: int) -> Any:
-        """The SummaryWriter of ``<run_dir>/tensorboard/``; without tensorboard, say so once and
-        fall back to metrics.jsonl alone."""
-        if self.writer is None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                log.warning("logger=tensorboard but tensorboard is not installed: logging to metrics.jsonl "
-                            "only (pip install tensorboard)")
-                self.logger = "csv"
-                return None
-            log_dir = self.run_dir / "tensorboard"
-            # A resumed run logs again the steps after its last checkpoint: hide the interrupted
-            # run's events from this step on, so TensorBoard shows each step once.
-            purge_step = first_step if log_dir.is_dir() else None
-            self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
-        return self.writer
+            self.loggers.log_row(row)
 
     def hold(self) -> None:
         """A resumed run: leave summary.json and metrics.jsonl as the interrupted run left them
@@ -112,17 +89,18 @@ class RunResults:
         self.summary["metrics"] = {k: _plain(v) for k, v in self.summary["metrics"].items()}
         if self.enabled:
             atomic_write_json(self.run_dir / "summary.json", self.summary)
+            if self.summary["status"] == "running":  # the run starts: so do its loggers
+                self.loggers.start()
 
     def finish(self, title: str | None = None) -> None:
-        """End of the run (any status): close loggers and draw the run's plots."""
+        """End of the run (any status): draw the run's plots, then hand the final summary, the
+        status and the plots to the loggers, which close."""
         if self.held:  # a resume that did not start: the folder stays as it was
             return
-        if self.writer is not None:
-            self.writer.close()  # flushes the event file
-            self.writer = None
         if self.enabled:
             plots.draw_safely("plots/curves.png", plots.plot_curves, self.run_dir / "metrics.jsonl",
-                              self.run_dir / "plots" / "curves.png", title=title)
+                              self.run_dir / "plots" / "curves.png", title=title or self.title)
+        self.loggers.finish(self.summary, self.summary["status"])
 
 
 def _before(line: str, step: int) -> bool:

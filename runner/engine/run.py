@@ -19,7 +19,7 @@ from rich.console import Console
 
 from runner.engine import compat
 from runner.build import build
-from runner.config import LOGGERS, PRECISIONS, PROGRESS, Config, Mode, TrainerConfig
+from runner.config import PRECISIONS, PROGRESS, Config, Mode, Strategy, TrainerConfig
 from runner.engine import checkpoint as ckpt
 from runner.engine import devices
 from runner.engine.devices import DeviceContext
@@ -27,9 +27,11 @@ from runner.engine.evaluate import evaluate
 from runner.engine.family import DataBundle, Family
 from runner.engine.loop import Trainer
 from runner.engine.precision import set_matmul_precision
+from runner.engine.predict import predict
 from runner.engine.progress import metrics_table
 from runner.engine.results import RunResults
 from runner.engine.signals import SignalFlag
+from runner.loggers import JobInfo, RunInfo, check_loggers
 from runner.errors import EXIT_FAILED, EXIT_OK, EXIT_SIGINT, EXIT_USER_ERROR, Interrupted, NonFiniteLoss, UserError
 from runner.schedule import run_epochs
 
@@ -73,10 +75,12 @@ def validate(config: Config) -> None:
                         "trainer.data_on_device=true (the batches of a launch are cut on the device)")
     if t.gradient_clip_val < 0:
         raise UserError(f"trainer.gradient_clip_val={t.gradient_clip_val} must be >= 0")
-    if config.logger not in LOGGERS:
-        raise UserError(f"logger={config.logger!r} is not known; allowed: {', '.join(LOGGERS)}")
-    if config.mode == Mode.eval and not config.ckpt_path:
-        raise UserError("mode=eval needs ckpt_path=<run folder>/checkpoints/best.pt")
+    if config.device.sync_batchnorm and not (config.device.strategy == Strategy.ddp and config.device.backend == "nccl"):
+        raise UserError("device.sync_batchnorm=true synchronises BatchNorm across GPU processes: it needs device=ddp "
+                        "with device.backend=nccl")
+    check_loggers(config.logger)  # unknown keys, missing packages: exit 2 before anything starts
+    if config.mode in (Mode.eval, Mode.predict) and not config.ckpt_path:
+        raise UserError(f"mode={config.mode.value} needs ckpt_path=<run folder>/checkpoints/best.pt")
     if config.ckpt_path and not Path(config.ckpt_path).is_file():
         raise UserError(f"ckpt_path={config.ckpt_path}: no such file")
     for key in ("val_every_n_steps", "ckpt_every_n_steps", "num_workers"):
@@ -101,9 +105,14 @@ def build_family(config: Config, ctx: DeviceContext, choices: dict[str, str]) ->
         compat.check_compatible(bundle.family, choices, **parts)
     for split in ("train", "val", "test"):
         dataset = getattr(bundle, split)
-        if dataset is not None and len(dataset) == 0:
-            raise UserError(f"the {split} split of dataset '{compat.target_of(config.dataset)}' is empty")
+        if (dataset is None and split == "train") or (dataset is not None and len(dataset) == 0):
+            raise UserError(f"the {split} split of dataset '{compat.target_of(config.dataset)}' is empty "
+                            f"(check dataset.n_{split} or the data files)")
     family = compat.module_of(bundle.family).build(bundle, config.model, config.loss, seed=config.trainer.seed)
+    empty = [(n, tuple(p.shape)) for n, p in family.raw_model.named_parameters() if p.numel() == 0]
+    if empty:
+        raise UserError(f"the model has an empty parameter, {empty[0][0]} of shape {empty[0][1]}: check the "
+                        "sizes in the model's config (a width of 0?)")
     family.to(ctx.device)
     if config.trainer.channels_last:
         family.model.to(memory_format=torch.channels_last)
@@ -123,12 +132,20 @@ def test_split(family: Family, bundle: DataBundle, ctx: DeviceContext, trainer: 
     return metrics
 
 
+def load_trained(config: Config, family: Family, ctx: DeviceContext) -> None:
+    """mode=eval / predict: the checkpoint's weights and the family's own state (thresholds
+    tuned on val, the labels it was trained on)."""
+    payload = ckpt.load_checkpoint(config.ckpt_path, map_location=ctx.device)
+    ckpt.load_model_weights(family.raw_model, payload, config.ckpt_path)
+    if payload.get("family") and hasattr(family, "load_state_dict"):
+        family.load_state_dict(payload["family"])
+    family.model = ctx.wrap(family.model, sync_batchnorm=False)
+
+
 def evaluate_checkpoint(config: Config, family: Family, bundle: DataBundle, ctx: DeviceContext,
                         results: RunResults, run_dir: Path | None) -> None:
     """mode=eval: the checkpoint's weights on val and test."""
-    payload = ckpt.load_checkpoint(config.ckpt_path, map_location=ctx.device)
-    ckpt.load_model_weights(family.raw_model, payload, config.ckpt_path)
-    family.model = ctx.wrap(family.model, sync_batchnorm=False)
+    load_trained(config, family, ctx)
     if bundle.val is not None:
         metrics, count = evaluate(family, bundle, "val", ctx, config.trainer)
         results.summary["metrics"].update(metrics)
@@ -140,9 +157,9 @@ def evaluate_checkpoint(config: Config, family: Family, bundle: DataBundle, ctx:
     results.summary["metrics"].update(test_split(family, bundle, ctx, config.trainer, results, run_dir, where))
 
 
-def train(config: Config, family: Family, bundle: DataBundle, ctx: DeviceContext, results: RunResults,
-          run_dir: Path | None) -> Trainer:
-    """mode=train: fit (resuming where the run folder left off), then test the best weights."""
+def make_trainer(config: Config, family: Family, bundle: DataBundle, ctx: DeviceContext, results: RunResults,
+                 run_dir: Path | None) -> Trainer:
+    """mode=train: the model compiled and wrapped for the device strategy, and the loop's state."""
     t = config.trainer
     if t.max_epochs is None:
         t.max_epochs = run_epochs(config.schedule)
@@ -153,7 +170,12 @@ def train(config: Config, family: Family, bundle: DataBundle, ctx: DeviceContext
     family.model = ctx.wrap(family.model, config.device.sync_batchnorm)
     meta = {"model_target": compat.target_of(config.model),
             "config": OmegaConf.to_yaml(OmegaConf.structured(config), resolve=True)}
-    trainer = Trainer(family, bundle, ctx, t, config.optim, config.schedule, results, run_dir, meta)
+    return Trainer(family, bundle, ctx, t, config.optim, config.schedule, results, run_dir, meta)
+
+
+def train(config: Config, trainer: Trainer, results: RunResults, run_dir: Path | None) -> None:
+    """mode=train: fit (resuming where the run folder left off), then test the best weights."""
+    t, family, bundle, ctx = config.trainer, trainer.family, trainer.bundle, trainer.ctx
     last = Path(config.resume or "") / "checkpoints" / "last.pt"
     if config.resume and last.is_file():
         trainer.restore(ckpt.load_checkpoint(last, map_location="cpu"), last)
@@ -179,20 +201,25 @@ def train(config: Config, family: Family, bundle: DataBundle, ctx: DeviceContext
         results.summary["test_weights"] = where["weights"]
     results.summary["metrics"].update({**trainer.final_metrics, **test_metrics})
     results.summary["eval_samples"].update(trainer.eval_samples)
-    return trainer
+    if not t.keep_last and run_dir is not None:  # a completed run that will not be extended
+        (run_dir / "checkpoints" / "last.pt").unlink(missing_ok=True)
 
 
 def run(config: Config, run_dir: Path | None, choices: dict[str, str] | None = None,
-        console: Console | None = None) -> int:
+        console: Console | None = None, job: JobInfo | None = None) -> int:
     """Run one job; returns the exit code. ``run_dir`` is None on processes other than rank 0;
-    ``choices`` names the option chosen in each group (for messages)."""
-    console = console or Console()
-    results = RunResults(run_dir, logger=config.logger)
+    ``choices`` names the option chosen in each group (for messages); ``job``: the job's
+    overrides and sweep folder, which the loggers record."""
+    console = console or Console(quiet=int(os.environ.get("RANK", "0")) != 0)  # rank 0 speaks for all
+    results = RunResults(run_dir, run=RunInfo.of(config, run_dir, choices, job), logger=config.logger)
     ctx, trainer, code = None, None, EXIT_OK
     try:
         validate(config)
         ctx = devices.resolve(config.device.strategy, config.device.index, config.device.backend)
         results.summary["device"] = ctx.describe()
+        if ctx.is_main and run_dir is not None:  # first, so that a slow start is not a silent one
+            console.print(f"run folder: {run_dir}\ndevice: {results.summary['device']}", highlight=False, markup=False,
+                          soft_wrap=True)
         if not ctx.is_main:
             results = RunResults(None)
         if config.resume:
@@ -205,8 +232,12 @@ def run(config: Config, run_dir: Path | None, choices: dict[str, str] | None = N
         bundle, family = build_family(config, ctx, choices or {})
         if config.mode == Mode.eval:
             evaluate_checkpoint(config, family, bundle, ctx, results, run_dir)
+        elif config.mode == Mode.predict:
+            load_trained(config, family, ctx)
+            results.summary["predictions"] = predict(family, bundle, ctx, config.trainer, run_dir)
         else:
-            trainer = train(config, family, bundle, ctx, results, run_dir)
+            trainer = make_trainer(config, family, bundle, ctx, results, run_dir)
+            train(config, trainer, results, run_dir)
         status = "completed"
     except UserError as e:
         status, code = "failed", EXIT_USER_ERROR
@@ -234,20 +265,32 @@ def run(config: Config, run_dir: Path | None, choices: dict[str, str] | None = N
             if not (status == "failed" and ctx is not None and ctx.distributed):
                 trainer.sync_counts()
             s, seconds = trainer.state, trainer.clock.train_s
+            results.summary["stop_reason"] = trainer.stop_reason() if status == "completed" else status
             results.summary.update(steps=s.step, samples_seen=s.samples_seen, epochs=s.epoch,
                                    skipped_steps=s.skipped_steps, unit=trainer.family.unit,
                                    throughput=round(s.samples_seen / seconds, 3) if seconds else None)
-        results.write_summary(status=status)
-        results.finish(config.name)
+        try:
+            results.write_summary(status=status)
+            results.finish()
+        except OSError as e:  # the disk filled or the folder went away: say so in one line
+            status, code = "failed", EXIT_FAILED
+            console.print(f"[bold red]failed:[/] cannot write the run's results: {os_message(e)}", highlight=False,
+                          soft_wrap=True)
         devices.shutdown()  # also for a one-process ddp group
     if status == "completed" and results.enabled:
-        console.print(f"[bold]{config.name}: final metrics", soft_wrap=True)
+        console.print(f"[bold]{results.title}: final metrics", soft_wrap=True)
         console.print(metrics_table(results.summary["metrics"]))
         console.print(f"run folder: {run_dir}", soft_wrap=True)
     return code
 
 
+def os_message(e: OSError) -> str:
+    return f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
+
+
 def runtime_message(e: Exception) -> str:
+    if isinstance(e, OSError) and e.strerror:  # disk full, folder removed, permission: name the path
+        return f"{type(e).__name__}: {os_message(e)}"
     text = str(e).strip().splitlines()[0] if str(e).strip() else ""
     message = f"{type(e).__name__}: {text}" if not isinstance(e, NonFiniteLoss) else text
     if isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in text.lower():

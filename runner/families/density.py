@@ -9,6 +9,7 @@ samples and reconstructions goes to ``run_dir/plots/samples.png`` when matplotli
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -41,6 +42,12 @@ class DensityFamily(Family):
         x = torch.bernoulli(batch.float())
         per_sample = self.loss(self.model(x, self.loss.k, self.loss.stop_q))
         return per_sample.sum(), x.shape[0]
+
+    def predict(self, batch: Tensor) -> dict[str, Tensor]:
+        """mode=predict: each sample's ELBO and its k-sample importance bound (k = loss.k), in nats."""
+        log_w = self.raw_model(batch.float(), self.loss.k)["log_w"].float()
+        k = log_w.shape[0]
+        return {"elbo": log_w.mean(0), f"bound_k{k}": torch.logsumexp(log_w, 0) - math.log(k)}
 
     def evaluator(self, split: str) -> DensityEvaluator:
         nll_k = self.loss.val_eval_k if split == "val" else self.loss.eval_k

@@ -2,7 +2,7 @@
 
 * ``train_loss``: one model call, the configured loss (runner/losses/multilabel.py) per sample,
   summed; its label weights come from the training label counts, passed to the loss builder as
-  ``pos_counts`` and ``num_samples``.
+  ``pos_counts`` and ``num_samples`` (and ``label_names``, for its warnings).
 * Evaluation keeps the rows (probabilities, targets), so AP and AUROC are exact under any number
   of processes (runner/metrics/multilabel.py).
 * Thresholds: computing ``val`` tunes one threshold per label (max F1) and keeps it; ``test`` then
@@ -74,6 +74,27 @@ class MultiLabelFamily(Family):
     def evaluator(self, split: str) -> Evaluator:
         return MultiLabelEvaluator(self, split)
 
+    def predict(self, batch: Any) -> dict[str, Tensor]:
+        """mode=predict: each label's probability and its decision at the val-tuned threshold."""
+        images = batch[0] if isinstance(batch, (tuple, list)) else batch
+        probs = torch.sigmoid(self.raw_model(images).float())
+        thresholds = self.thresholds.to(probs.device) if self.thresholds is not None else torch.full_like(probs[0], 0.5)
+        columns = {f"prob_{name}": probs[:, i] for i, name in enumerate(self.label_names)}
+        columns.update({f"pred_{name}": (probs[:, i] >= thresholds[i]).int() for i, name in enumerate(self.label_names)})
+        return columns
+
+    def state_dict(self) -> dict[str, Any]:
+        """The thresholds tuned on val (a checkpoint carries them to mode=predict) and the labels."""
+        return {"label_names": list(self.label_names),
+                **({"thresholds": self.thresholds.clone()} if self.thresholds is not None else {})}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("label_names") and list(state["label_names"]) != list(self.label_names):
+            raise UserError(f"the checkpoint was trained on the labels {', '.join(state['label_names'])}; this data "
+                            f"has {', '.join(self.label_names)}")
+        if "thresholds" in state:
+            self.thresholds = state["thresholds"].float().cpu()
+
     def metrics_of(self, split: str, sums: dict[str, Tensor], rows: dict[str, Tensor]) -> dict[str, float]:
         probs, targets = rows["probs"].cpu(), rows["targets"].cpu()
         if split == "val":
@@ -121,5 +142,6 @@ def build(bundle: DataBundle, model: Any, loss: Any, seed: int = 0) -> MultiLabe
     info = bundle.info
     pos_counts, num_samples = label_counts(info["train_labels"])
     model = build_node(model, "model", num_outputs=info["num_labels"])
-    loss = build_node(loss, "loss", pos_counts=pos_counts, num_samples=num_samples)
+    loss = build_node(loss, "loss", pos_counts=pos_counts, num_samples=num_samples,
+                      label_names=list(info["label_names"]))
     return MultiLabelFamily(model, loss, list(info["label_names"]), [float(p) for p in info["prevalence"]])

@@ -66,6 +66,10 @@ class RegressionFamily(Family):
     def evaluator(self, split: str) -> Evaluator:
         return MSEEvaluator(self.raw_model, self.loss)
 
+    def predict(self, batch: Any) -> dict[str, Tensor]:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return {"prediction": self.raw_model(x).float().flatten(1)[:, 0]}
+
 
 def build(bundle: DataBundle, model: Any, loss: Any, seed: int = 0) -> RegressionFamily:
     return RegressionFamily(build_node(model, "model", dim=bundle.info["dim"]), build_node(loss, "loss"))

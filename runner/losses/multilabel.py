@@ -27,14 +27,20 @@ Options (conf/loss/<name>.yaml):
 * ``class_balanced``: Cui et al. 2019. Label l gets ``(1 - beta) / (1 - beta**n_l)``, the inverse
   of its effective number of samples, scaled so the weights sum to L; the weight multiplies the
   whole term of label l of the ``base`` loss, ``focal`` (default, with ``gamma``; the paper's best
-  choice) or ``bce``.
+  choice) or ``bce``. ``beta: null`` (default) takes ``beta = (N - 1) / N`` with N the number of
+  training samples, the paper's advice: a fixed 0.999 saturates at realistic counts (every label
+  of 19,000-105,000 positives gets weight 1.0000), since ``beta**n`` is then 0 for all of them.
+  The weights are logged once.
 
 Every option takes ``interval: {low, high, weight, on}`` (runner/losses/interval.py), an extra
 squared-hinge term that keeps the logits (or probabilities) in a range; null (default) for none.
-A label with no positive training example is counted as having one, so weights stay finite.
+A label with no positive training example gets a neutral weight, with a warning naming it: 1 as
+pos_weight; the mean of the other labels' weights (before scaling) for ``bce_inverse_freq`` and
+``class_balanced`` (counting it as one positive would give it N - 1, or almost all of the weight).
 """
 from __future__ import annotations
 
+import logging
 import math
 from abc import ABC, abstractmethod
 from typing import Any
@@ -46,28 +52,64 @@ from torch import Tensor, nn
 from runner.errors import UserError
 from runner.losses.interval import IntervalPenalty, interval_from_config
 
-
-def pos_weight_from_counts(pos_counts: list[int] | Tensor, num_samples: int) -> Tensor:
-    """negatives / positives per label, e.g. [19000, 65000, 38000, 105000] of 224000 ->
-    [10.79, 2.45, 4.89, 1.13] (4.8947: the 4.90 sometimes quoted is rounded twice)."""
-    pos = torch.as_tensor(pos_counts, dtype=torch.float64).clamp_min(1)
-    return ((num_samples - pos) / pos).to(torch.float32)
+log = logging.getLogger("runner")
 
 
-def inverse_frequency_weights(pos_counts: list[int] | Tensor, num_samples: int) -> Tensor:
-    """``N / n_l`` per label, scaled to sum to L."""
-    pos = torch.as_tensor(pos_counts, dtype=torch.float64).clamp_min(1)
-    weights = num_samples / pos
+def _positives(pos_counts: list[int] | Tensor, label_names: list[str] | None, loss: str) -> tuple[Tensor, Tensor]:
+    """(positives per label as float64, mask of the labels without any), warning once about those."""
+    pos = torch.as_tensor(pos_counts, dtype=torch.float64)
+    empty = pos == 0
+    if empty.any():
+        names = [label_names[i] if label_names else f"#{i}" for i in empty.nonzero().flatten().tolist()]
+        log.warning("%s: label%s %s ha%s no positive training example; given a neutral weight", loss,
+                    "s" if len(names) > 1 else "", ", ".join(names), "ve" if len(names) > 1 else "s")
+    return pos, empty
+
+
+def _neutral_where(empty: Tensor, weights: Tensor) -> Tensor:
+    """The weights, with the labels in ``empty`` set to the mean of the others (1 if none is left)."""
+    if not empty.any():
+        return weights
+    neutral = weights[~empty].mean() if (~empty).any() else torch.tensor(1.0, dtype=weights.dtype)
+    return torch.where(empty, neutral, weights)
+
+
+def _sum_to_count(weights: Tensor) -> Tensor:
     return (weights * len(weights) / weights.sum()).to(torch.float32)
 
 
-def class_balanced_weights(pos_counts: list[int] | Tensor, beta: float) -> Tensor:
-    """``(1 - beta) / (1 - beta**n_l)`` per label (Cui et al. 2019), scaled to sum to L."""
+def pos_weight_from_counts(pos_counts: list[int] | Tensor, num_samples: int,
+                           label_names: list[str] | None = None) -> Tensor:
+    """negatives / positives per label, e.g. [19000, 65000, 38000, 105000] of 224000 ->
+    [10.79, 2.45, 4.89, 1.13] (4.8947: the 4.90 sometimes quoted is rounded twice); 1 for a
+    label with no positive."""
+    pos, empty = _positives(pos_counts, label_names, "bce_pos_weight")
+    weights = (num_samples - pos) / pos.clamp_min(1)
+    return torch.where(empty, torch.ones_like(weights), weights).to(torch.float32)
+
+
+def inverse_frequency_weights(pos_counts: list[int] | Tensor, num_samples: int,
+                              label_names: list[str] | None = None) -> Tensor:
+    """``N / n_l`` per label (the others' mean for a label with no positive), scaled to sum to L."""
+    pos, empty = _positives(pos_counts, label_names, "bce_inverse_freq")
+    return _sum_to_count(_neutral_where(empty, num_samples / pos.clamp_min(1)))
+
+
+def effective_number_beta(num_samples: int) -> float:
+    """Cui et al.'s advice for beta: (N - 1) / N, with N the number of training samples."""
+    return (num_samples - 1) / num_samples if num_samples > 1 else 0.0
+
+
+def class_balanced_weights(pos_counts: list[int] | Tensor, beta: float,
+                           label_names: list[str] | None = None) -> Tensor:
+    """``(1 - beta) / (1 - beta**n_l)`` per label (Cui et al. 2019; the others' mean for a label
+    with no positive), scaled to sum to L."""
     if not 0 <= beta < 1:
         raise UserError(f"loss.beta={beta} must lie in [0, 1)")
-    pos = torch.as_tensor(pos_counts, dtype=torch.float64).clamp_min(1)
-    weights = (1 - beta) / (1 - beta**pos)
-    return (weights * len(weights) / weights.sum()).to(torch.float32)
+    pos, empty = _positives(pos_counts, label_names, "class_balanced")
+    # 1 - beta**n as -expm1(n * log(beta)): exact where beta is within 1e-6 of 1.
+    effective = -torch.expm1(pos.clamp_min(1) * math.log(beta)) if beta > 0 else torch.ones_like(pos)
+    return _sum_to_count(_neutral_where(empty, (1 - beta) / effective))
 
 
 class MultiLabelLoss(nn.Module, ABC):
@@ -147,12 +189,15 @@ def bce(interval: dict | None = None) -> MultiLabelLoss:
     return BCELoss(interval=interval_from_config(interval))
 
 
-def bce_pos_weight(pos_counts: list, num_samples: int, interval: dict | None = None) -> MultiLabelLoss:
-    return BCELoss(pos_weight=pos_weight_from_counts(pos_counts, num_samples), interval=interval_from_config(interval))
+def bce_pos_weight(pos_counts: list, num_samples: int, interval: dict | None = None,
+                   label_names: list | None = None) -> MultiLabelLoss:
+    weights = pos_weight_from_counts(pos_counts, num_samples, label_names)
+    return BCELoss(pos_weight=weights, interval=interval_from_config(interval))
 
 
-def bce_inverse_freq(pos_counts: list, num_samples: int, interval: dict | None = None) -> MultiLabelLoss:
-    weights = inverse_frequency_weights(pos_counts, num_samples)
+def bce_inverse_freq(pos_counts: list, num_samples: int, interval: dict | None = None,
+                     label_names: list | None = None) -> MultiLabelLoss:
+    weights = inverse_frequency_weights(pos_counts, num_samples, label_names)
     return BCELoss(label_weight=weights, interval=interval_from_config(interval))
 
 
@@ -193,17 +238,27 @@ def asl(
 
 def class_balanced(
     pos_counts: list,
-    beta: float = 0.999,
+    beta: float | None = None,
     base: str = "focal",
     gamma: float = 2.0,
     interval: dict | None = None,
+    num_samples: int | None = None,
+    label_names: list | None = None,
 ) -> MultiLabelLoss:
-    weights = class_balanced_weights(pos_counts, beta)
+    if base not in ("focal", "bce"):
+        raise UserError(f"loss.base={base!r} is not known; allowed: focal, bce")
+    if beta is None:
+        if num_samples is None:
+            raise UserError("loss.beta=null takes beta = (N - 1) / N from the number of training samples N, "
+                            "which this caller did not supply: set loss.beta (e.g. 0.9999)")
+        beta = effective_number_beta(num_samples)
+    weights = class_balanced_weights(pos_counts, beta, label_names)
+    names = label_names or [f"#{i}" for i in range(len(weights))]
+    log.info("class_balanced: beta=%.8g, label weights %s", beta,
+             ", ".join(f"{name} {w:.4g}" for name, w in zip(names, weights.tolist())))
     penalty = interval_from_config(interval)
     if base == "focal":
         if gamma < 0:
             raise UserError(f"loss.gamma={gamma} must be >= 0")
         return FocalLoss(gamma=gamma, label_weight=weights, interval=penalty)
-    if base == "bce":
-        return BCELoss(label_weight=weights, interval=penalty)
-    raise UserError(f"loss.base={base!r} is not known; allowed: focal, bce")
+    return BCELoss(label_weight=weights, interval=penalty)

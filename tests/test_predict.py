@@ -1,0 +1,77 @@
+"""mode=predict: predictions.csv, one row per sample in dataset order, equal to the model's own
+outputs, the same under 2 processes as under 1, and bad checkpoints refused."""
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+
+from conftest import only_run_folder, run_cli, run_in_process
+
+FAST = ("experiment=regression", "device=cpu", "trainer.progress=none")
+
+
+@pytest.fixture(scope="module")
+def regression_ckpt(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    code, run_dir = run_in_process(root, *FAST, "dataset.n_test=101")
+    assert code == 0
+    return run_dir / "checkpoints" / "best.pt"
+
+
+def test_predictions_are_the_models_outputs_in_dataset_order(tmp_path, regression_ckpt):
+    from runner.families.regression import mlp, synthetic
+
+    code, run_dir = run_in_process(tmp_path, *FAST, "dataset.n_test=101", "mode=predict", f"ckpt_path={regression_ckpt}")
+    assert code == 0
+    table = pd.read_csv(run_dir / "predictions.csv")
+    model = mlp(8, hidden=16)
+    model.load_state_dict(torch.load(regression_ckpt, weights_only=True)["model"])
+    x, _ = synthetic(n_train=256, n_val=64, n_test=101, dim=8, noise=0.1, seed=0).test.tensors
+    with torch.no_grad():
+        expected = model(x)[:, 0].numpy()
+    assert list(table["sample"]) == list(range(101))
+    assert table["prediction"].to_numpy() == pytest.approx(expected, rel=1e-5, abs=1e-5)
+
+
+def test_two_processes_write_the_same_predictions(tmp_path, regression_ckpt):
+    common = (*FAST[:1], "trainer.progress=none", "dataset.n_test=101", "trainer.eval_batch_size=16", "mode=predict",
+              f"ckpt_path={regression_ckpt}")
+    one = run_cli(*common, "device=cpu", f"output_root={tmp_path / 'one'}")
+    two = run_cli(*common, "device=ddp", "device.devices=2", "device.backend=gloo", f"output_root={tmp_path / 'two'}")
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    a = pd.read_csv(only_run_folder(tmp_path / "one") / "predictions.csv")
+    b = pd.read_csv(only_run_folder(tmp_path / "two") / "predictions.csv")
+    assert len(b) == 101 and list(b["sample"]) == list(range(101))  # each sample once, none missing
+    assert b["prediction"].to_numpy() == pytest.approx(a["prediction"].to_numpy(), rel=1e-6)
+
+
+def test_multilabel_predictions_use_the_thresholds_tuned_on_val(tmp_path):
+    tiny = ("trainer.progress=none", "device=cpu", "dataset.n_train=128", "dataset.n_val=64", "dataset.n_test=50",
+            "trainer.max_epochs=1", "trainer.batch_size=32")
+    code, run_dir = run_in_process(tmp_path / "train", *tiny)
+    assert code == 0
+    ckpt = run_dir / "checkpoints" / "best.pt"
+    thresholds = torch.load(ckpt, weights_only=True)["family"]["thresholds"]
+    code, run_dir = run_in_process(tmp_path / "predict", *tiny, "mode=predict", f"ckpt_path={ckpt}")
+    assert code == 0
+    table = pd.read_csv(run_dir / "predictions.csv")
+    assert len(table) == 50
+    for i, name in enumerate(("red_square", "green_disc", "blue_triangle", "yellow_cross")):
+        probs = table[f"prob_{name}"]
+        assert probs.between(0, 1).all()
+        assert ((probs >= float(thresholds[i])).astype(int) == table[f"pred_{name}"]).all()
+
+
+def test_density_predictions_and_a_checkpoint_of_another_family(tmp_path, regression_ckpt):
+    small = ("experiment=iwae_silhouettes", "trainer.progress=none", "device=cpu", "dataset.n_train=200",
+             "dataset.n_val=50", "dataset.n_test=30", "trainer.max_epochs=1", "loss.eval_k=10")
+    code, run_dir = run_in_process(tmp_path / "train", *small)
+    assert code == 0
+    code, run_dir = run_in_process(tmp_path / "predict", *small, "mode=predict",
+                                   f"ckpt_path={run_dir / 'checkpoints' / 'best.pt'}")
+    assert code == 0
+    table = pd.read_csv(run_dir / "predictions.csv")
+    assert len(table) == 30 and (table["elbo"] <= table["bound_k5"] + 1e-4).all()
+    code, run_dir = run_in_process(tmp_path / "other", *small, "mode=predict", f"ckpt_path={regression_ckpt}")
+    assert code == 2
