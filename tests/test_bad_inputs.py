@@ -53,7 +53,8 @@ def test_bad_input_exits_2_with_one_line(tmp_path, overrides, needle):
         assert result["exit_code"] == 2 and result["status"] == "failed", result
         message = result["error"]
     runs = list((tmp_path / "runs").glob("*")) if (tmp_path / "runs").exists() else []
-    assert all((run / "checkpoints").exists() for run in runs), "a run rejected before training left its folder"
+    assert all(json.loads((run / "summary.json").read_text())["steps"] > 0 for run in runs), \
+        "a run rejected before training left its folder"
     assert needle in message and "\n" not in message and "Traceback" not in message, message
 
 

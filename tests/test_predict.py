@@ -75,3 +75,23 @@ def test_density_predictions_and_a_checkpoint_of_another_family(tmp_path, regres
     assert len(table) == 30 and (table["elbo"] <= table["bound_k5"] + 1e-4).all()
     code, run_dir = run_in_process(tmp_path / "other", *small, "mode=predict", f"ckpt_path={regression_ckpt}")
     assert code == 2
+
+
+def test_classification_predictions_and_classes_that_differ(tmp_path):
+    small = ("experiment=classify", "trainer.progress=none", "device=cpu", "dataset.n_train=300", "dataset.n_val=60",
+             "dataset.n_test=41", "trainer.max_epochs=1")
+    code, run_dir = run_in_process(tmp_path / "train", *small)
+    assert code == 0
+    ckpt = run_dir / "checkpoints" / "best.pt"
+    code, run_dir = run_in_process(tmp_path / "predict", *small, "mode=predict", f"ckpt_path={ckpt}")
+    assert code == 0
+    table = pd.read_csv(run_dir / "predictions.csv")
+    probs = table[[c for c in table.columns if c.startswith("prob_")]].to_numpy()
+    assert len(table) == 41 and probs.shape[1] == 10
+    assert probs.sum(1) == pytest.approx(1.0, abs=1e-4)
+    assert (probs.argmax(1) == table["predicted"]).all() and table["probability"].to_numpy() == pytest.approx(probs.max(1))
+    state = torch.load(ckpt, weights_only=True)
+    state["family"]["class_names"] = ["other"] * 10
+    torch.save(state, tmp_path / "renamed.pt")
+    code, run_dir = run_in_process(tmp_path / "other", *small, "mode=predict", f"ckpt_path={tmp_path / 'renamed.pt'}")
+    assert code == 2

@@ -158,7 +158,8 @@ def _read_csv(csv: str) -> pd.DataFrame:
         raise UserError(f"dataset CSV {csv!r}: no such file")
     try:
         header = next(csv_module.reader(path.open(newline="", encoding="utf-8")), [])
-        frame = pd.read_csv(path, index_col=False)
+        # Blank lines kept, then dropped: the index stays the line number (minus the header).
+        frame = pd.read_csv(path, index_col=False, skip_blank_lines=False).dropna(how="all")
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
         raise UserError(f"dataset CSV {csv!r} cannot be parsed: {e}") from None
     repeated = sorted({name for name in header if header.count(name) > 1})

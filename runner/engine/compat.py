@@ -19,7 +19,7 @@ from runner.build import plain
 from runner.config import CONF_DIR
 from runner.errors import UserError
 
-NAMES = ("multilabel", "density", "charlm", "regression")
+NAMES = ("multilabel", "density", "charlm", "regression", "classification")
 RUNNER_TARGETS = ("runner.",)  # targets judged by name; others by what they build
 
 

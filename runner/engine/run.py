@@ -94,9 +94,7 @@ def validate(config: Config) -> None:
 def build_family(config: Config, ctx: DeviceContext, choices: dict[str, str]) -> tuple[DataBundle, Family]:
     """The data, then the family (model and loss) that fits it; incompatible pairs exit 2 first."""
     parts = {"model": config.model, "loss": config.loss}
-    family_name = compat.family_of_dataset(config.dataset)
-    if family_name is not None:  # runner's own dataset: checked before anything is built
-        compat.check_compatible(family_name, choices, **parts)
+    family_name = compat.family_of_dataset(config.dataset)  # runner's own datasets were checked in run()
     # Datasets that prepare batches on the device, or choose where to, take these two.
     bundle = build(config.dataset, "dataset", device=ctx.device, num_workers=int(config.trainer.num_workers))
     if not isinstance(bundle, DataBundle):
@@ -215,6 +213,9 @@ def run(config: Config, run_dir: Path | None, choices: dict[str, str] | None = N
     ctx, trainer, code = None, None, EXIT_OK
     try:
         validate(config)
+        family_name = compat.family_of_dataset(config.dataset)
+        if family_name is not None:  # runner's own dataset: an incompatible pair stops before anything runs
+            compat.check_compatible(family_name, choices or {}, model=config.model, loss=config.loss)
         ctx = devices.resolve(config.device.strategy, config.device.index, config.device.backend)
         results.summary["device"] = ctx.describe()
         if ctx.is_main and run_dir is not None:  # first, so that a slow start is not a silent one

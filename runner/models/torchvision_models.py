@@ -77,6 +77,8 @@ def build(name: str, num_outputs: int, weights: str | None = None, download: boo
     """torchvision's ``name`` with a fresh ``num_outputs``-way head; ``weights`` (e.g. DEFAULT)
     for the rest of the net. Further keys (``memory_efficient``, ``dropout``, ...) go to
     torchvision's builder."""
+    if "num_classes" in kwargs:
+        raise UserError(f"model.num_classes is set from the data ({num_outputs} outputs here): leave it out")
     if name not in classification_models():
         sample = ", ".join(n for n in ("resnet18", "resnet50", "densenet121", "efficientnet_b0", "convnext_tiny",
                                        "vit_b_16") if n in classification_models())
