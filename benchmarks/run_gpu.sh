@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything measured on the lent GPU, in parts that each fit one call: GPU tests, the three
-# side-by-side benchmarks, the JPEG pipeline, the step profiles and the TF32 accuracy check.
+# side-by-side benchmarks, the JPEG pipeline (and with augmentation, jpeg_aug), fashion_resnet and
+# the classification evaluation (classify_eval), the step profiles and the TF32 accuracy check.
 # Each part's full output goes to $OUT/<part>.log as it runs (kept if the call is cut short);
 # its result lines and table are printed.
 set -uo pipefail
@@ -19,5 +20,9 @@ if part tf32; then python benchmarks/iwae.py --tf32-check 2 > "$OUT/tf32.log" 2>
 if part densenet; then python benchmarks/densenet.py --out "$OUT/densenet.json" > "$OUT/densenet.log" 2>&1; show "$OUT/densenet.log" 18; fi
 if part eval; then python benchmarks/densenet.py --eval-only --out "$OUT/eval.json" > "$OUT/eval.log" 2>&1; show "$OUT/eval.log" 8; fi
 if part jpeg; then python benchmarks/jpeg_decode.py --out "$OUT/jpeg.json" > "$OUT/jpeg.log" 2>&1; show "$OUT/jpeg.log" 22; fi
+if part jpeg_aug; then python benchmarks/jpeg_decode.py --augmentation --out "$OUT/jpeg_aug.json" > "$OUT/jpeg_aug.log" 2>&1; show "$OUT/jpeg_aug.log" 9; fi
+if part fashion_resnet; then python -m runner experiment=fashion_resnet dataset.root=.gpu_data/fashion-mnist device=gpu trainer.progress=none output_root="$OUT/fashion_resnet" > "$OUT/fashion_resnet.log" 2>&1
+  python -c "import json, glob; s = json.load(open(glob.glob('$OUT/fashion_resnet/runs/*/summary.json')[0])); print('fashion_resnet', s['status'], 'test/accuracy', s['metrics'].get('test/accuracy'), 'wall_time_s', s['wall_time_s'], s['device'])"; fi
+if part classify_eval; then python benchmarks/classification_eval.py --fashion .gpu_data/fashion-mnist --out "$OUT/classify_eval.json" > "$OUT/classify_eval.log" 2>&1; show "$OUT/classify_eval.log" 5; fi
 if part charlm; then python benchmarks/char_lstm.py --out "$OUT/char_lstm.json" > "$OUT/char_lstm.log" 2>&1; show "$OUT/char_lstm.log" 6; fi
 if part profile; then python benchmarks/profile_steps.py --out "$OUT/profile.json" > "$OUT/profile.log" 2>&1; grep "^IWAE\|^DenseNet" "$OUT/profile.log"; fi

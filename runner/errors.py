@@ -15,6 +15,14 @@ class UserError(Exception):
     """Bad config or bad input: exit 2 with one message that names the key, file, row or option
     and what is allowed, no traceback."""
 
+    def __init__(self, message: str = "") -> None:
+        # Raised in a DataLoader worker (an unreadable image), it is raised again in the main
+        # process as "Caught UserError in DataLoader worker process N.\nOriginal Traceback ...
+        # runner.errors.UserError: <message>": keep the message alone, the one line it was.
+        if message.startswith("Caught UserError in DataLoader worker") and "UserError: " in message:
+            message = message.rstrip().rpartition("UserError: ")[2]
+        super().__init__(message)
+
 
 class Interrupted(Exception):
     """SIGINT/SIGTERM arrived: the loop finished its step and wrote a checkpoint."""

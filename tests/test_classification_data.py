@@ -124,9 +124,9 @@ def test_imagefolder_errors_name_the_folder_or_file(tmp_path):
     (root / "test").rmdir()
     (root / "train" / "red" / "9.png").write_bytes(b"not a png")
     bundle = imagefolder.build(str(root), image_size=16, val_fraction=0.25)
-    bad = next(i for i, (path, _) in enumerate(bundle.train.dataset.samples) if path.endswith("9.png"))
+    bad = next(i for i, (path, _) in enumerate(bundle.train.samples) if path.endswith("9.png"))
     with pytest.raises(UserError, match=r"cannot read image .*red/9\.png"):
-        bundle.train.dataset[bad]
+        bundle.train[bad]
 
 
 def write_csv_images(tmp_path: Path, n: int = 12) -> Path:

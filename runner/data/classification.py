@@ -11,7 +11,8 @@ from runner.errors import UserError
 
 
 def classification_bundle(train: Dataset, val: Dataset | None, test: Dataset | None, class_names: list[str],
-                          train_labels: Tensor, channels: int, image_size: int) -> DataBundle:
+                          train_labels: Tensor, channels: int, image_size: int,
+                          predict: Dataset | None = None) -> DataBundle:
     """The classification family's bundle. ``info``: ``num_classes``, ``class_names``,
     ``channels`` and ``image_size`` of the items, and ``class_counts`` (training samples per
     class, from which the class-weighted losses take their weights)."""
@@ -20,6 +21,7 @@ def classification_bundle(train: Dataset, val: Dataset | None, test: Dataset | N
         family="classification", train=train, val=val, test=test,
         info={"num_classes": len(class_names), "class_names": [str(c) for c in class_names], "channels": channels,
               "image_size": image_size, "class_counts": [int(c) for c in counts.tolist()]},
+        predict=predict,
     )
 
 

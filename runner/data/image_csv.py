@@ -13,8 +13,10 @@ of the names or an index into the list. Without it, a column of whole numbers ho
 
 Every bad input names the CSV file and its line (line 1 is the header; blank lines count): a
 missing column, an empty or unknown class, an image file that does not exist (checked at
-start-up), a file that cannot be decoded (when first read). Images are decoded, resized and
-ImageNet-normalised as ``multilabel_csv`` does it (``decode``: cpu | device | auto; RGB).
+start-up), a file that cannot be decoded (when first read). Images are decoded, transformed
+(``train_transforms``, ``eval_transforms``), resized and ImageNet-normalised as ``multilabel_csv``
+does it (``decode``: cpu | device | auto; RGB). ``predict``: a folder of unlabelled images for
+mode=predict.
 """
 from __future__ import annotations
 
@@ -24,7 +26,9 @@ import pandas as pd
 import torch
 
 from runner.data.classification import classification_bundle
-from runner.data.multilabel_csv import DECODES, SPLITS, WORKERS_TO_DECODE, CSVImages
+from runner.data.multilabel_csv import (DECODES, SPLITS, WORKERS_TO_DECODE, CSVImages, check_transforms,
+                                        predict_split)
+from runner.data.transforms import Transforms
 from runner.engine.family import DataBundle
 from runner.errors import UserError
 
@@ -123,10 +127,14 @@ def build(
     classes: list[str] | None = None,
     image_size: int = 224,
     decode: str = "auto",
+    train_transforms: list | None = None,
+    eval_transforms: list | None = None,
+    predict: str | None = None,
     device: torch.device | None = None,
     num_workers: int = 0,
 ) -> DataBundle:
     """``device`` and ``num_workers`` (the run's, supplied by the engine) settle ``decode=auto``."""
+    train_tf, eval_tf = Transforms(train_transforms, "train_transforms"), Transforms(eval_transforms, "eval_transforms")
     for key, value in (("csv", csv), ("image_dir", image_dir)):
         if value in ("", "???"):
             raise UserError(f"dataset.{key} is required: set it on the command line, e.g. dataset.{key}=...")
@@ -176,8 +184,10 @@ def build(
         labels = _labels(frame, name, label_column, names, by_name, by_index)
         datasets[split] = CSVImages(_paths(frame, name, folder, path_column), labels,
                                     [line_of(frame, p) for p in range(len(frame))], name, image_size,
-                                    on_device=decode == "device")
+                                    on_device=decode == "device", transforms=train_tf if split == "train" else eval_tf)
         if split == "train":
             train_labels = labels
+    unlabelled = predict_split(predict, eval_tf, image_size) if predict else None
+    check_transforms([*datasets.values(), unlabelled], train_tf, eval_tf)
     return classification_bundle(datasets["train"], datasets.get("val"), datasets.get("test"), names, train_labels,
-                                 channels=3, image_size=image_size)
+                                 channels=3, image_size=image_size, predict=unlabelled)

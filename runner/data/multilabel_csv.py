@@ -9,15 +9,18 @@ Everything cheap is checked at start-up, with the CSV file and line named (line 
 missing columns, labels that are not 0/1, image files that do not exist, empty splits. A file that
 exists but cannot be decoded is reported, with its line, when it is first read.
 
-Images are decoded with torchvision (any format it reads, converted to RGB), resized to
-``image_size`` squared (antialiased, rounded to 8 bits) and normalised with the ImageNet mean and
-std (the statistics DenseNet121's ImageNet weights expect). Where that happens is ``decode``:
+Images are decoded with torchvision (any format it reads, converted to RGB), go through
+``train_transforms`` (training split) or ``eval_transforms`` (the others; per sample, seeded:
+runner/data/transforms.py), are resized to ``image_size`` squared where the transforms left
+another size (antialiased, rounded to 8 bits) and normalised with the ImageNet mean and std (the
+statistics DenseNet121's ImageNet weights expect). Where that happens is ``decode``:
 
 * ``cpu``: the DataLoader workers (``trainer.num_workers``) decode and resize; 8-bit images go to
   the device, which normalises them (a quarter of the bytes of float images).
 * ``device``: the workers only read the files; each batch of JPEGs is decoded on the run's device
   in one call (``torchvision.io.decode_jpeg``, nvJPEG on a GPU), then resized and normalised
-  there. Files that are not JPEGs are still decoded by the workers.
+  there (with transforms: transformed and resized one image at a time, each under its own seed).
+  Files that are not JPEGs are still decoded by the workers.
 * ``auto`` (default): the faster of the two as measured on an H100 with 16 CPU cores
   (benchmarks/README.md, "Images from files"): ``cpu`` with 8 or more workers (they keep even a
   CUDA-graphed DenseNet121 98-99% fed, and nvJPEG's share of the GPU is then a loss), ``device``
@@ -39,6 +42,8 @@ from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
 from torchvision.transforms.v2.functional import resize
 
 from runner.data.sampling import check_sampler, multilabel_bundle
+from runner.data.transforms import Transforms, check_first, fit_size, item_key
+from runner.data.unlabelled import UnlabelledImages, images_under
 from runner.engine.family import DataBundle
 from runner.errors import UserError
 
@@ -57,19 +62,30 @@ def _stats_on(device: torch.device) -> tuple[Tensor, Tensor]:
 
 
 def normalise(images: Tensor) -> Tensor:
-    """8-bit RGB images [B, 3, S, S] as the float inputs the ImageNet weights expect."""
+    """8-bit RGB images [B, 3, S, S] as the float inputs the ImageNet weights expect. Float
+    images were normalised by the transforms (ToDtype + Normalize) and are left as they are."""
+    if images.dtype != torch.uint8:
+        return images
     mean, std = _stats_on(images.device)
     return (images.float() / 255 - mean) / std
 
 
 class CSVImages(Dataset):
     """The images of one split. Items are (8-bit image [3, S, S], labels [L]); with
-    ``on_device`` the JPEGs stay encoded (1-D bytes) until ``to_device`` decodes a whole batch."""
+    ``on_device`` the JPEGs stay encoded (1-D bytes) until ``to_device`` decodes a whole batch.
+    An item key may be ``(index, seed)`` (training with transforms: ``seeded_items``)."""
 
     def __init__(self, paths: list[Path], labels: Tensor, lines: list[int], csv: str, image_size: int,
-                 on_device: bool = False) -> None:
+                 on_device: bool = False, transforms: Transforms | None = None) -> None:
         self.paths, self.labels, self.lines, self.csv, self.image_size = paths, labels, lines, csv, image_size
-        self.on_device = on_device
+        self.on_device, self.transforms = on_device, transforms or Transforms()
+
+    @property
+    def seeded_items(self) -> bool:
+        return self.transforms.active
+
+    def sample_ids(self) -> list[str]:
+        return [str(p) for p in self.paths]
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -80,21 +96,28 @@ class CSVImages(Dataset):
     def _resize(self, image: Tensor) -> Tensor:
         return resize(image, [self.image_size, self.image_size], antialias=True)
 
-    def _decode(self, i: int, data: Tensor) -> Tensor:
+    def _finish(self, i: int, image: Tensor, seed: int) -> Tensor:
+        """Item i's decoded image through the split's transforms, at image_size."""
+        return fit_size(self.transforms(image, seed, f"{self.csv}, line {self.lines[i]}: {self.paths[i]}"),
+                        self.image_size)
+
+    def _decode(self, i: int, data: Tensor, seed: int) -> Tensor:
         try:
-            return self._resize(decode_image(data, mode=ImageReadMode.RGB))
+            image = decode_image(data, mode=ImageReadMode.RGB)
         except (RuntimeError, ValueError, OSError) as e:
             raise self._cannot_read(i, e) from None
+        return self._finish(i, image, seed)
 
-    def __getitem__(self, i: int) -> Any:
+    def __getitem__(self, key: Any) -> Any:
+        i, seed = item_key(key)
         try:
             data = read_file(str(self.paths[i]))
         except (RuntimeError, OSError) as e:
             raise self._cannot_read(i, e) from None
         if not self.on_device:
-            return self._decode(i, data), self.labels[i]
+            return self._decode(i, data, seed), self.labels[i]
         is_jpeg = bytes(data[:3].tolist()) == _JPEG_START
-        return (data if is_jpeg else self._decode(i, data)), self.labels[i], i
+        return (data if is_jpeg else self._decode(i, data, seed)), self.labels[i], i, seed
 
     def collate(self, items: list[Any]) -> Any:
         """Default collation for decoded items. Encoded ones: all the JPEG bytes of the batch in
@@ -103,7 +126,7 @@ class CSVImages(Dataset):
         worker one by one, those failed to share (bad file descriptor) and the loader hung."""
         if not self.on_device:
             return torch.utils.data.default_collate(items)
-        payloads, labels, index = zip(*items)
+        payloads, labels, index, seeds = zip(*items)
         jpeg_at = [k for k, p in enumerate(payloads) if p.dim() == 1]
         decoded_at = [k for k, p in enumerate(payloads) if p.dim() == 3]
         size = self.image_size
@@ -115,6 +138,7 @@ class CSVImages(Dataset):
             else torch.zeros(0, 3, size, size, dtype=torch.uint8),
             "decoded_at": torch.tensor(decoded_at, dtype=torch.long),
             "labels": torch.stack(labels), "index": torch.tensor(index, dtype=torch.long),
+            "seeds": torch.tensor(seeds, dtype=torch.long),
         }
 
     def to_device(self, batch: Any, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -134,7 +158,8 @@ class CSVImages(Dataset):
             except RuntimeError:
                 raise self._first_bad_jpeg([int(batch["index"][k]) for k in jpeg_at], files) from None
             for k, image in zip(jpeg_at, decoded):
-                images[k] = image
+                i = int(batch["index"][k])
+                images[k] = self._finish(i, image, int(batch["seeds"][k])) if self.transforms.active else image
         if len({tuple(image.shape) for image in images}) == 1:  # one resize call when all have one size
             stacked = self._resize(torch.stack(images))
         else:
@@ -181,7 +206,7 @@ def _check_columns(frame: pd.DataFrame, csv: str, needed: list[str]) -> None:
 
 
 def _split_dataset(frame: pd.DataFrame, csv: str, split: str, image_dir: Path, path_column: str,
-                   label_columns: list[str], image_size: int, on_device: bool) -> CSVImages:
+                   label_columns: list[str], image_size: int, on_device: bool, transforms: Transforms) -> CSVImages:
     if len(frame) == 0:
         raise UserError(f"{csv}: the {split} split is empty (no rows)")
     lines = [int(i) + 2 for i in frame.index]  # +1 for the header, +1 because lines count from 1
@@ -201,7 +226,30 @@ def _split_dataset(frame: pd.DataFrame, csv: str, split: str, image_dir: Path, p
             raise UserError(f"{csv}, line {line}: image file {path} does not exist")
         paths.append(path)
     labels = torch.tensor(values.apply(pd.to_numeric).to_numpy(dtype="float32"))
-    return CSVImages(paths, labels, lines, csv, image_size, on_device)
+    return CSVImages(paths, labels, lines, csv, image_size, on_device, transforms)
+
+
+def _unlabelled_item(path: Path, index: int, transforms: Transforms, image_size: int) -> Tensor:
+    try:
+        image = decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+    except (RuntimeError, ValueError, OSError) as e:
+        raise UserError(f"cannot read image {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    return fit_size(transforms(image, index, path), image_size)
+
+
+def predict_split(folder: str, transforms: Transforms, image_size: int) -> UnlabelledImages:
+    """``dataset.predict``: a folder of images without labels, decoded by the workers, as the
+    other splits' 8-bit RGB images (normalised on the device)."""
+    return UnlabelledImages(images_under(folder), functools.partial(_unlabelled_item, transforms=transforms,
+                                                                    image_size=image_size), finish=normalise)
+
+
+def check_transforms(splits: list[Dataset | None], *transforms: Transforms) -> None:
+    """Make one item of each split when there are transforms: a list that cannot work stops here."""
+    if any(t.active for t in transforms):
+        for split in splits:
+            if split is not None:
+                check_first(split)
 
 
 def build(
@@ -215,11 +263,15 @@ def build(
     image_size: int = 224,
     sampler: str = "none",
     decode: str = "auto",
+    train_transforms: list | None = None,
+    eval_transforms: list | None = None,
+    predict: str | None = None,
     device: torch.device | None = None,
     num_workers: int = 0,
 ) -> DataBundle:
     """``device`` and ``num_workers`` (the run's, supplied by the engine) settle ``decode=auto``."""
     check_sampler(sampler)
+    train_tf, eval_tf = Transforms(train_transforms, "train_transforms"), Transforms(eval_transforms, "eval_transforms")
     if decode not in DECODES:
         raise UserError(f"dataset.decode={decode!r} is not known; allowed: {', '.join(DECODES)}")
     if decode == "auto":
@@ -264,9 +316,11 @@ def build(
 
     datasets = {
         split: _split_dataset(frame, name, split, folder, path_column, list(label_columns), image_size,
-                              on_device=decode == "device")
+                              on_device=decode == "device", transforms=train_tf if split == "train" else eval_tf)
         for split, (frame, name) in frames.items()
     }
+    unlabelled = predict_split(predict, eval_tf, image_size) if predict else None
+    check_transforms([*datasets.values(), unlabelled], train_tf, eval_tf)
     train_labels = datasets["train"].labels
     return multilabel_bundle(datasets["train"], datasets.get("val"), datasets.get("test"), list(label_columns),
-                             train_labels, sampler)
+                             train_labels, sampler, predict=unlabelled)

@@ -43,12 +43,13 @@ def train_weights(sampler: str, labels: Tensor) -> Tensor | None:
     return rarest_label_weights(labels) if check_sampler(sampler) == "balanced" else None
 
 
-def multilabel_bundle(train, val, test, label_names: list[str], train_labels: Tensor, sampler: str) -> DataBundle:
+def multilabel_bundle(train, val, test, label_names: list[str], train_labels: Tensor, sampler: str,
+                      predict=None) -> DataBundle:
     """The multi-label family's bundle: label names, the training labels (the losses compute their
     weights from them) and, for ``sampler=balanced``, the per-image sampling weights."""
     return DataBundle(
         family="multilabel", train=train, val=val, test=test,
         info={"num_labels": len(label_names), "label_names": list(label_names), "train_labels": train_labels,
               "prevalence": train_labels.mean(0).tolist()},
-        train_weights=train_weights(sampler, train_labels),
+        train_weights=train_weights(sampler, train_labels), predict=predict,
     )

@@ -13,6 +13,10 @@ A dataset may also say how its batches are made and finished, with two optional 
 ``collate(items) -> batch`` (used by the DataLoader instead of torch's default collate) and
 ``to_device(batch, device) -> batch`` (moves a batch and finishes it on the device, e.g. decodes
 JPEGs there; the default moves every tensor). ``batch_mover`` picks the one the loop uses.
+
+A dataset whose training items make random draws (augmentation) says so with ``seeded_items =
+True``: its training sampler then yields ``(index, seed)`` pairs, the seed a function of
+(trainer.seed, epoch, the sample's position in the epoch's global order) — see ``SeededIndices``.
 """
 from __future__ import annotations
 
@@ -39,6 +43,33 @@ def train_order(n: int, seed: int, epoch: int, weights: Tensor | None = None) ->
 def exact_eval_indices(n: int, rank: int, world: int) -> range:
     """Process ``rank``'s contiguous share of ``n`` samples: every sample exactly once overall."""
     return range(rank * n // world, (rank + 1) * n // world)
+
+
+def item_seed(seed: int, epoch: int, position: int) -> int:
+    """The seed of the random draws of the sample at ``position`` of epoch ``epoch``'s global
+    order: splitmix64 of the three, so that every bit is mixed (torch seeds its CPU generator
+    from the low 32 bits only)."""
+    mask = (1 << 64) - 1
+    x = (seed * 0x9E3779B97F4A7C15 + epoch * 0xD1B54A32D192ED03 + position) & mask
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
+    return (x ^ (x >> 31)) >> 1  # below 2**63: any torch generator takes it
+
+
+class SeededIndices(Sequence):
+    """One process's training indices as ``(index, item_seed(...))`` pairs. A sample's draws
+    depend on where it stands in the epoch's order, not on the worker that loads it or on its
+    worker's past: a run resumed mid-epoch (new workers) draws what the uninterrupted run drew,
+    and W processes draw what one process draws. Process r's k-th sample stands at r + k*W."""
+
+    def __init__(self, indices: Sequence[int], seed: int, epoch: int, first: int, stride: int):
+        self.indices, self.seed, self.epoch, self.first, self.stride = indices, seed, epoch, first, stride
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int) -> tuple[int, int]:
+        return self.indices[k], item_seed(self.seed, self.epoch, self.first + k * self.stride)
 
 
 class ListSampler(Sampler[int]):
@@ -103,7 +134,11 @@ def train_loader(dataset: Dataset, *, batch_size: int, epoch: int, seed: int, ra
         return _loader(RowShard(dataset, rank, world), range(skip_batches, len(dataset)), None, num_workers, pin,
                        workers)
     order = train_order(len(dataset), seed, epoch, weights)[rank::world]
-    return _loader(dataset, order[skip_batches * batch_size:].tolist(), batch_size, num_workers, pin, workers)
+    start = skip_batches * batch_size
+    indices = order[start:].tolist()
+    if getattr(dataset, "seeded_items", False):
+        indices = SeededIndices(indices, seed, epoch, first=rank + start * world, stride=world)
+    return _loader(dataset, indices, batch_size, num_workers, pin, workers)
 
 
 def train_batches_per_epoch(dataset: Dataset, batch_size: int, world: int, prebatched: bool) -> int:

@@ -41,6 +41,8 @@ class DataBundle:
     # When set, the dataset's items are whole batches already in their required order
     # (char-LM streams): the engine must not shuffle or re-batch them.
     prebatched: bool = False
+    # Unlabelled data that mode=predict predicts instead of the test split (dataset.predict).
+    predict: Dataset | None = None
 
 
 class Evaluator(ABC):

@@ -90,6 +90,9 @@ class ClassificationFamily(Family):
         return {"class_names": list(self.class_names)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "class_names" not in state:  # weights that fit, but of another family (a multi-label head)
+            raise UserError(f"the checkpoint was not trained by the classification family (its family state holds "
+                            f"{', '.join(sorted(state))}); predict with the dataset of its own family")
         if state.get("class_names") and list(state["class_names"]) != list(self.class_names):
             raise UserError(f"the checkpoint was trained on the classes {', '.join(state['class_names'])}; this "
                             f"data has {', '.join(self.class_names)}")

@@ -89,6 +89,9 @@ class MultiLabelFamily(Family):
                 **({"thresholds": self.thresholds.clone()} if self.thresholds is not None else {})}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "class_names" in state:  # weights that fit, but of a single-label classifier
+            raise UserError("the checkpoint was trained by the classification family (one class per image), not the "
+                            "multilabel family; predict with a classification dataset")
         if state.get("label_names") and list(state["label_names"]) != list(self.label_names):
             raise UserError(f"the checkpoint was trained on the labels {', '.join(state['label_names'])}; this data "
                             f"has {', '.join(self.label_names)}")
