@@ -313,18 +313,42 @@ class Trainer:
     # --- checkpoints -------------------------------------------------------------------------
     def checkpoint_payload(self) -> dict[str, Any]:
         return {
-            "model": self.family.raw_model.state_dict(),
+            "model": ckpt.own_storage(self.family.raw_model.state_dict()),
             "optimizer": self.optimizer.state_dict(),
             "schedule": self.schedule.state_dict(),
             "scaler": self.stepper.scaler.state_dict(),
             "loop": asdict(self.state),
-            "rng": ckpt.rng_state(),
+            "rng": self.rng_state(),
             "family": self.family.state_dict() if hasattr(self.family, "state_dict") else {},
             # The last validation's metrics: a run resumed after it still reports them.
             "metrics": dict(self.final_metrics),
             "eval_samples": dict(self.eval_samples),
             **self.meta,
         }
+
+    def rng_state(self) -> dict[str, Any]:
+        """Every RNG state the next step depends on. A fused job (runner/engine/fused.py) draws
+        from its own generator: its state takes the place of the device's global one, so that
+        the checkpoint is the one of the same job run alone."""
+        generator = self.family.generator
+        if generator is None:
+            return ckpt.rng_state()
+        state = dict(self.family.rng_at_build)
+        if generator.device.type == "cuda":
+            index = generator.device.index or 0
+            state["cuda"] = [generator.get_state() if i == index else s for i, s in enumerate(state["cuda"])]
+        else:
+            state["torch"] = generator.get_state()
+        return state
+
+    def restore_rng(self, state: dict[str, Any]) -> None:
+        generator = self.family.generator
+        if generator is None:
+            ckpt.set_rng_state(state)
+            return
+        self.family.rng_at_build = state
+        generator.set_state(state["cuda"][generator.device.index or 0] if generator.device.type == "cuda"
+                            else state["torch"])
 
     def save(self, name: str) -> None:
         with self.clock.paused():
@@ -344,7 +368,7 @@ class Trainer:
         self.state = LoopState(**payload["loop"])
         self.final_metrics = dict(payload.get("metrics", {}))
         self.eval_samples = dict(payload.get("eval_samples", {}))
-        ckpt.set_rng_state(payload["rng"])
+        self.restore_rng(payload["rng"])
         if payload.get("family") and hasattr(self.family, "load_state_dict"):
             self.family.load_state_dict(payload["family"])
 

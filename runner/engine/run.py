@@ -228,12 +228,19 @@ class RunLife:
         self.console = console or Console(quiet=int(os.environ.get("RANK", "0")) != 0)  # rank 0 speaks for all
         self.results = RunResults(run_dir, run=RunInfo.of(config, run_dir, choices, job), logger=config.logger)
         self.ctx: DeviceContext | None = None
+        self.bundle: DataBundle | None = None
         self.trainer: Trainer | None = None
         self.status, self.code = "running", EXIT_OK
 
-    def start(self, bundle: DataBundle | None = None) -> Trainer | None:
-        """Everything before training; ``bundle``: data already built (a fused group shares it).
-        Returns the Trainer in mode=train, None once mode=eval or predict has run."""
+    def start(self) -> Trainer | None:
+        """Everything before training: the Trainer in mode=train, None once mode=eval or
+        predict has run."""
+        family = self.prepare()
+        return None if family is None else self.make_trainer(family)
+
+    def prepare(self, bundle: DataBundle | None = None) -> Family | None:
+        """Checks, device, seed, data and family (``bundle``: data already built, which a fused
+        group shares); mode=eval and predict run here and return None."""
         config, results = self.config, self.results
         validate(config)
         family_name = compat.family_of_dataset(config.dataset)
@@ -253,17 +260,22 @@ class RunLife:
                  OmegaConf.to_yaml(OmegaConf.structured(config)))
         seed_everything(config.trainer.seed, config.trainer.deterministic)
         set_matmul_precision(config.trainer.precision)
-        bundle = bundle or build_data(config, ctx, self.choices)
-        family = build_family(config, ctx, bundle)
+        self.bundle = bundle or build_data(config, ctx, self.choices)
+        family = build_family(config, ctx, self.bundle)
         if config.mode == Mode.eval:
-            evaluate_checkpoint(config, family, bundle, ctx, results, self.run_dir)
+            evaluate_checkpoint(config, family, self.bundle, ctx, results, self.run_dir)
             return None
         if config.mode == Mode.predict:
             load_trained(config, family, ctx)
-            results.summary["predictions"] = predict(family, bundle, ctx, config.trainer, self.run_dir)
+            results.summary["predictions"] = predict(family, self.bundle, ctx, config.trainer, self.run_dir)
             return None
-        self.trainer = make_trainer(config, family, bundle, ctx, results, self.run_dir)
-        restore(config, self.trainer, results)
+        return family
+
+    def make_trainer(self, family: Family) -> Trainer:
+        """mode=train: the loop's state, continued from the run folder (resume=) or from another
+        run's weights (ckpt_path=)."""
+        self.trainer = make_trainer(self.config, family, self.bundle, self.ctx, self.results, self.run_dir)
+        restore(self.config, self.trainer, self.results)
         return self.trainer
 
     def test(self) -> None:
