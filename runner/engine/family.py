@@ -18,7 +18,8 @@ The engine knows nothing about images, latent variables or text. A family gives 
   one batched model (runner/engine/fused.py): ``train_inputs(batch)`` makes every random draw
   of the step (from ``generator``: None is the global RNG, a fused job has its own),
   ``forward(model, inputs)`` is the model call (no randomness; fused, it runs under
-  ``torch.func.vmap``), ``loss_sum(outputs, inputs)`` the loss sum and unit count. The family's
+  ``torch.func.vmap``), ``loss_sum(outputs, inputs)`` the loss sum, ``units(inputs)`` the unit
+  count (from shapes: a Python int, no device read). The family's
   module then says which of its jobs fuse: ``fusion_blocker(model, loss)`` (None, or why not).
 """
 from __future__ import annotations
@@ -104,7 +105,7 @@ class Family(ABC):
     def train_loss(self, batch: Any) -> tuple[Tensor, int | Tensor]:
         """(sum of per-unit losses over the batch, number of units in the batch)."""
         inputs = self.train_inputs(batch)
-        return self.loss_sum(self.forward(self.model, inputs), inputs)
+        return self.loss_sum(self.forward(self.model, inputs), inputs), self.units(inputs)
 
     def train_inputs(self, batch: Any) -> Any:
         raise NotImplementedError(f"{type(self).__name__} defines train_loss whole")
@@ -112,7 +113,10 @@ class Family(ABC):
     def forward(self, model: nn.Module, inputs: Any) -> Any:
         raise NotImplementedError
 
-    def loss_sum(self, outputs: Any, inputs: Any) -> tuple[Tensor, int | Tensor]:
+    def loss_sum(self, outputs: Any, inputs: Any) -> Tensor:
+        raise NotImplementedError
+
+    def units(self, inputs: Any) -> int:
         raise NotImplementedError
 
     @abstractmethod

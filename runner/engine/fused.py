@@ -81,10 +81,12 @@ class StackedParameters:
             self.stacked[name] = data.requires_grad_()
             self.grads.append(grad)
 
-    def take_gradients(self, total: Tensor) -> None:
-        """d total / d stack into the stacked gradients (each job's ``.grad`` is its slice)."""
-        grads = torch.autograd.grad(total, list(self.stacked.values()))
-        torch._foreach_copy_(self.grads, list(grads))
+    def take_gradients(self, total: Tensor, scale: float) -> None:
+        """d total / d stack, times ``scale`` (1 / units), into the stacked gradients (each job's
+        ``.grad`` is its slice): the run alone's order, sum then backward then divide."""
+        grads = list(torch.autograd.grad(total, list(self.stacked.values())))
+        torch._foreach_mul_(grads, scale)
+        torch._foreach_copy_(self.grads, grads)
 
 
 def stack_trees(trees: Sequence[Any]) -> Any:
@@ -96,22 +98,37 @@ def stack_trees(trees: Sequence[Any]) -> Any:
 
 class FusedStep:
     """One optimizer step of every job in the group (see the module docstring); ``slots[j]``
-    is job j's Trainer, None where a job failed before training (its slot is computed, unused)."""
+    is job j's Trainer, None where a job failed before training (its slot is computed, unused).
+    Everything the jobs share runs once for all: the forward pass, the loss where every job has
+    the same one, the division by the unit count; per job are only the random draws and the
+    optimizer step."""
 
     def __init__(self, slots: Sequence[Trainer | None], stacks: StackedParameters, *, precision: str,
                  captured: bool, steps_per_launch: int, compiled: bool):
         self.slots, self.stacks, self.precision = list(slots), stacks, precision
-        lead = next(t for t in self.slots if t is not None)
-        self.device = lead.ctx.device
-        family, model = lead.family, lead.family.raw_model
+        live = [t for t in self.slots if t is not None]
+        self.device = live[0].ctx.device
+        family, model = live[0].family, live[0].family.raw_model
+        self.same_loss = all(type(t.family.loss) is type(family.loss) and repr(t.family.loss) == repr(family.loss)
+                             for t in live)
 
-        def one_job(params: dict[str, Tensor], inputs: Any) -> Any:
+        def outputs(params: dict[str, Tensor], inputs: Any) -> Any:
             return family.forward(lambda *args, **kwargs: functional_call(model, params, args, kwargs), inputs)
 
-        self.forward = vmap(one_job)
+        def loss(params: dict[str, Tensor], inputs: Any) -> Tensor:
+            return family.loss_sum(outputs(params, inputs), inputs)
+
+        # Every job's forward pass (and its loss, where all jobs have the same) as one batched call.
+        self.forward = vmap(loss if self.same_loss else outputs)
         if compiled:
             self.forward = torch.compile(self.forward)
-        generators = tuple(t.family.generator for t in self.slots if t is not None)
+        # Each job's running loss is a slice of one tensor: one addition a step for the group.
+        self.running = torch.zeros(len(self.slots), device=self.device, dtype=torch.float64)
+        for j, t in enumerate(self.slots):
+            if t is not None:
+                t.stepper.running_loss = self.running[j]
+                t.stepper.zero_grad = False  # take_gradients overwrites the gradients
+        generators = tuple(t.family.generator for t in live)
         self.graphed = GraphedStep(self.step, generators=generators) if captured else None
         self.steps_per_launch = steps_per_launch
         self.graphed_launch = GraphedStep(self.steps, generators=generators) if steps_per_launch > 1 else None
@@ -146,15 +163,18 @@ class FusedStep:
         lead = next(f for f in families if f is not None)
         with autocast(self.device, self.precision, cache_enabled=False):
             inputs = [(f or lead).train_inputs(b) for f, b in zip(families, batches)]
-            outputs = self.forward(self.stacks.stacked, stack_trees(inputs))
-            losses = [(f or lead).loss_sum(tree_map(lambda o, j=j: o[j], outputs), inputs[j])
-                      for j, f in enumerate(families)]
-        self.stacks.take_gradients(torch.stack([loss.float() for loss, _ in losses]).sum())
-        self.units = int(losses[0][1])
-        for t, (loss, units) in zip(self.slots, losses):
+            batched = self.forward(self.stacks.stacked, stack_trees(inputs))
+            if self.same_loss:
+                losses = batched.float()
+            else:
+                losses = torch.stack([(f or lead).loss_sum(tree_map(lambda o, j=j: o[j], batched), inputs[j]).float()
+                                      for j, f in enumerate(families)])
+        self.units = lead.units(inputs[0])  # the jobs' batches have one shape
+        self.stacks.take_gradients(losses.sum(), 1.0 / self.units)
+        for t in self.slots:
             if t is not None:
-                t.stepper.update(1.0 / int(units))
-                t.stepper.running_loss.add_(loss.detach())
+                t.stepper.update(None)  # clip and step: the gradients are divided already
+        self.running.add_(losses.detach())  # a NaN or Inf stays in a job's slice until it is checked
 
     def steps(self, stacks: list[Any]) -> None:
         """trainer.steps_per_graph steps of every job, one per stacked batch, captured as one graph."""

@@ -48,8 +48,11 @@ class DensityFamily(Family):
         x, noise = inputs
         return model(x, self.loss.k, self.loss.stop_q, noise=noise)
 
-    def loss_sum(self, outputs: dict, inputs: tuple[Tensor, list[Tensor]]) -> tuple[Tensor, int]:
-        return self.loss(outputs).sum(), inputs[0].shape[0]
+    def loss_sum(self, outputs: dict, inputs: tuple[Tensor, list[Tensor]]) -> Tensor:
+        return self.loss(outputs).sum()
+
+    def units(self, inputs: tuple[Tensor, list[Tensor]]) -> int:
+        return inputs[0].shape[0]
 
     def predict(self, batch: Tensor) -> dict[str, Tensor]:
         """mode=predict: each sample's ELBO and its k-sample importance bound (k = loss.k), in nats."""

@@ -66,8 +66,11 @@ class RegressionFamily(Family):
     def forward(self, model: nn.Module, inputs: Any) -> Tensor:
         return model(inputs[0])
 
-    def loss_sum(self, outputs: Tensor, inputs: Any) -> tuple[Tensor, int]:
-        return self.loss(outputs, inputs[1]).sum(), inputs[0].shape[0]
+    def loss_sum(self, outputs: Tensor, inputs: Any) -> Tensor:
+        return self.loss(outputs, inputs[1]).sum()
+
+    def units(self, inputs: Any) -> int:
+        return inputs[0].shape[0]
 
     def evaluator(self, split: str) -> Evaluator:
         return MSEEvaluator(self.raw_model, self.loss)
