@@ -26,3 +26,15 @@ if part fashion_resnet; then python -m runner experiment=fashion_resnet dataset.
 if part classify_eval; then python benchmarks/classification_eval.py --fashion .gpu_data/fashion-mnist --out "$OUT/classify_eval.json" > "$OUT/classify_eval.log" 2>&1; show "$OUT/classify_eval.log" 5; fi
 if part charlm; then python benchmarks/char_lstm.py --out "$OUT/char_lstm.json" > "$OUT/char_lstm.log" 2>&1; show "$OUT/char_lstm.log" 6; fi
 if part profile; then python benchmarks/profile_steps.py --out "$OUT/profile.json" > "$OUT/profile.log" 2>&1; grep "^IWAE\|^DenseNet" "$OUT/profile.log"; fi
+if part fused; then python benchmarks/fused.py --out "$OUT/fused.json" > "$OUT/fused.log" 2>&1; show "$OUT/fused.log" 12; fi
+# The last GPU-measured tree (.baseline/, git archive <commit> --prefix=.baseline/) against this one.
+if part best; then for tree in .baseline .; do python benchmarks/best_paths.py "$tree" >> "$OUT/best.log" 2>&1; done
+  grep "steps/s\|Error" "$OUT/best.log"; fi
+# experiments/iwae_paper/README.md: VAE and IWAE (k=50) on Caltech 101 Silhouettes, 3 seeds, fused,
+# the practitioners' schedule (2^i passes at 1e-4 x 10^(-i/7), 255 passes), test NLL with k=5000.
+if part caltech; then python -m runner -m hydra/launcher=fused experiment=iwae_paper dataset=caltech_silhouettes \
+    dataset.root=.gpu_data/caltech101_silhouettes loss=elbo,iwae trainer.seed=0,1,2 schedule.base=2 optim.lr=1e-4 \
+    trainer.compile=false trainer.val_every_n_steps=100000000 trainer.save_top_k=0 trainer.progress=plain \
+    output_root="$OUT/caltech" > "$OUT/caltech.log" 2>&1
+  python -m runner.report "$OUT"/caltech/multirun/* --metric test/nll_k5000 --metric active_units 2>&1 | tail -8
+  grep "wall_time_s\|Error" "$OUT"/caltech/multirun/*/0/summary.json | head -3; fi

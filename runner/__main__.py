@@ -21,21 +21,6 @@ from runner.errors import (EXIT_FAILED, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USER_ERR
                            UserError)
 
 
-def monitored_value(run_dir: Path, monitor: str) -> float:
-    """The job's value for a sweeper that optimises (Optuna): its final monitored metric."""
-    from runner.engine.results import read_summary
-
-    summary = read_summary(run_dir) or {}
-    value = summary.get("metrics", {}).get(monitor)
-    return float(value) if isinstance(value, (int, float)) and summary.get("status") == "completed" else float("nan")
-
-
-def job_status(run_dir: Path) -> str | None:
-    from runner.job import summary_status
-
-    return summary_status(run_dir)
-
-
 def sweep_resumed(argv: list[str]) -> list[str]:
     """``python -m runner resume=<sweep folder>``: the sweep's own command again, into its folder
     (each job then keeps, continues or starts its run); any other command line as it is."""
@@ -59,16 +44,13 @@ def main() -> None:
 
     @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="config")
     def task(cfg: DictConfig) -> float:
-        from runner.job import remove_if_never_started, run_job
+        from runner.job import continued_in_sweep, monitored_value, remove_if_never_started, run_job
 
         started.append(True)
         hydra_cfg = HydraConfig.get()
         run_dir = Path(hydra_cfg.runtime.output_dir)
-        if hydra_cfg.mode == RunMode.MULTIRUN and (run_dir / "summary.json").is_file():
-            # resume=<sweep folder>: this job ran before. Completed: keep it; otherwise continue it.
-            if job_status(run_dir) == "completed":
-                return monitored_value(run_dir, cfg.trainer.monitor)
-            cfg.resume = str(run_dir)
+        if hydra_cfg.mode == RunMode.MULTIRUN and continued_in_sweep(cfg, run_dir):
+            return monitored_value(run_dir, cfg.trainer.monitor)  # completed before: kept as it is
         try:
             sweep_dir = hydra_cfg.sweep.dir if hydra_cfg.mode == RunMode.MULTIRUN else None
             code = run_job(cfg, run_dir, dict(hydra_cfg.runtime.choices), list(hydra_cfg.overrides.task), sweep_dir)

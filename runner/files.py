@@ -68,6 +68,14 @@ def append_line(path: str | Path, line: str) -> None:
         os.close(fd)
 
 
+# The descriptors of the run-folder locks this process holds. A forked child (a DataLoader
+# worker) inherits them, and an flock lives as long as any copy: a worker that outlives a killed
+# run for a few seconds would keep the folder locked against its own resume. Children close
+# their copies at once; the lock then lives exactly as long as its holder.
+_held_locks: set[int] = set()
+os.register_at_fork(after_in_child=lambda: [os.close(fd) for fd in list(_held_locks)] and _held_locks.clear())
+
+
 @contextlib.contextmanager
 def hold_folder(run_dir: Path | None) -> Iterator[None]:
     """One process at a time in a run folder: an exclusive lock on ``<run_dir>/.lock``, held
@@ -87,8 +95,10 @@ def hold_folder(run_dir: Path | None) -> Iterator[None]:
                             "or stop it first") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        _held_locks.add(fd)
         yield
     finally:
+        _held_locks.discard(fd)
         os.close(fd)  # closing the descriptor releases the lock
 
 

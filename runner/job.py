@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -13,7 +14,7 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from rich.console import Console
 
-from runner.config import typed
+from runner.config import Config, typed
 from runner.errors import EXIT_OK, UserError
 from runner.files import folder_in_use, hold_folder
 from runner.loggers.base import JobInfo
@@ -83,28 +84,77 @@ def summary_status(run_dir: Path) -> str | None:
         return None
 
 
-def run_job(cfg: DictConfig, run_dir: Path, choices: dict[str, Any], overrides: Sequence[str] = (),
-            sweep_dir: str | None = None) -> int:
-    """The job's exit code. ``choices``: the option chosen in each config group (for messages);
-    ``overrides``: the command line's overrides (what a resume may change). A bad config found
-    before the run starts raises UserError (the caller says it: one line, exit 2)."""
-    from runner.engine.launch import maybe_spawn
-    from runner.engine.run import run  # heavy imports after the config is known to be valid
+def monitored_value(run_dir: Path, monitor: str) -> float:
+    """The job's value for a sweeper that optimises (Optuna): its final monitored metric."""
+    from runner.engine.results import read_summary
 
+    summary = read_summary(run_dir) or {}
+    value = summary.get("metrics", {}).get(monitor)
+    return float(value) if isinstance(value, (int, float)) and summary.get("status") == "completed" else float("nan")
+
+
+def job_status(run_dir: Path) -> str | None:
+    from runner.job import summary_status
+
+    return summary_status(run_dir)
+
+
+def continued_in_sweep(cfg: DictConfig, run_dir: Path) -> bool:
+    """``resume=<sweep folder>`` replays the sweep into its folder: a job that ran there before is
+    kept (completed: True, nothing to do) or continued from its checkpoint (``cfg.resume`` set)."""
+    if not (run_dir / "summary.json").is_file():
+        return False
+    if summary_status(run_dir) == "completed":
+        return True
+    cfg.resume = str(run_dir)
+    return False
+
+
+@dataclass
+class Job:
+    """A job ready to run: typed settings and what the engine is told about it."""
+
+    config: Config
+    run_dir: Path
+    choices: dict[str, str]
+    info: JobInfo
+
+
+def prepare_job(cfg: DictConfig, run_dir: Path, choices: dict[str, Any], overrides: Sequence[str] = (),
+                sweep_dir: str | None = None) -> Job | None:
+    """The job from its composed config, or None where there is nothing to do (a completed run
+    resumed with no more epochs or steps). ``choices``: the option chosen in each group (for
+    messages); ``overrides``: the command line's (what a resume may change). A bad config found
+    before the run starts raises UserError (the caller says it: one line, exit 2)."""
     choices = {k: str(v) for k, v in choices.items() if not k.startswith("hydra") and v is not None}
-    rank0 = int(os.environ.get("RANK", "0")) == 0
     if cfg.resume and summary_status(Path(cfg.resume)) == "completed" and not set(LENGTH) & set(override_keys(overrides)):
         Console().print(f"{cfg.resume} has completed already: nothing to resume (its folder is left as it is; "
                         "trainer.max_epochs=N or trainer.max_steps=N continues it)", highlight=False, soft_wrap=True)
-        return EXIT_OK
+        return None
     config = typed(load_resumed_config(cfg, overrides) if cfg.resume else cfg)
     if cfg.resume and summary_status(Path(cfg.resume)) == "running" and not folder_in_use(Path(cfg.resume)):
         Console().print(f"{cfg.resume}: its summary says running, but no process holds it (stale: the run "
                         "died before it could record why); continuing from its last checkpoint",
                         highlight=False, soft_wrap=True)
-    job = JobInfo.of(overrides, sweep_dir, cfg.resume)  # for the loggers: overrides, sweep folder
-    with hold_folder(run_dir if rank0 else None):
-        code = maybe_spawn(config, run_dir, choices, job)  # ddp: start our own workers if asked
+    return Job(config, run_dir, choices, JobInfo.of(overrides, sweep_dir, cfg.resume))
+
+
+def run_prepared(job: Job) -> int:
+    """Run the job in its folder, held against other processes; ``device=ddp`` starts one worker
+    per device. Returns the exit code."""
+    from runner.engine.launch import maybe_spawn
+    from runner.engine.run import run  # heavy imports after the config is known to be valid
+
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    with hold_folder(job.run_dir if rank0 else None):
+        code = maybe_spawn(job.config, job.run_dir, job.choices, job.info)  # ddp: start our own workers if asked
         if code is None:
-            code = run(config, run_dir if rank0 else None, choices, job=job)
+            code = run(job.config, job.run_dir if rank0 else None, job.choices, job=job.info)
     return code
+
+
+def run_job(cfg: DictConfig, run_dir: Path, choices: dict[str, Any], overrides: Sequence[str] = (),
+            sweep_dir: str | None = None) -> int:
+    """The job's exit code (see ``prepare_job`` and ``run_prepared``)."""
+    job = prepare_job(cfg, run_dir, choices, overrides, sweep_dir)
+    return EXIT_OK if job is None else run_prepared(job)

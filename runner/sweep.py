@@ -31,8 +31,8 @@ def job_row(job_dir: Path) -> dict[str, Any]:
         row["wall_time_s"] = summary.get("wall_time_s")
         row.update(summary.get("metrics", {}))
     else:
-        row["status"] = "failed"
-        row["error"] = "no summary.json: the job did not start or was killed"
+        row["status"] = "not started"  # or killed before it wrote anything; resume=<sweep folder> runs it
+        row["error"] = "no summary.json: the job did not start, or was killed before it wrote one"
     return row
 
 

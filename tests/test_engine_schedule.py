@@ -71,6 +71,9 @@ def test_iwae_paper_schedule_matches_the_paper():
     for epoch, stage in ((0, 0), (2, 1), (12, 2), (13, 3), (40, 4)):
         assert lrs[epoch * 3] == pytest.approx(1e-3 * 10 ** (-stage / 7))
     assert 1e-3 * 10 ** (-iwae_paper_stage(3279) / 7) == pytest.approx(1e-4)
+    # base 2, the practitioners' shorter schedule: 2^i passes, epochs 0 | 1-2 | 3-6 | ... | 127-254
+    assert iwae_paper_epochs(7, base=2) == 255
+    assert [iwae_paper_stage(e, base=2) for e in (0, 1, 2, 3, 6, 7, 127, 254)] == [0, 1, 1, 2, 2, 3, 7, 7]
 
 
 def test_max_epochs_null_follows_the_schedule(tmp_path):

@@ -156,3 +156,28 @@ def test_captured_one_cycle_without_momentum_cycling_runs(tmp_path):
                                       "trainer.progress=none", "optim=sgd", "schedule=one_cycle",
                                       "trainer.cuda_graph=true", "trainer.data_on_device=true")
     assert refused == 2 and "cycle_momentum=false" in json.loads((run_dir / "summary.json").read_text())["error"]
+
+
+def test_fused_captured_iwae_jobs_equal_their_captured_runs_alone(tmp_path):
+    """hydra/launcher=fused on a GPU: graph-captured steps, several per launch, each job drawing
+    from its own CUDA generator (registered with the graph), in fp32: each job as alone."""
+    from conftest import run_cli
+
+    common = ["experiment=iwae_silhouettes", "device=gpu", "trainer.progress=none", "trainer.batch_size=20",
+              "loss.k=50", "loss.eval_k=100", "trainer.max_epochs=2", "trainer.max_steps=40",
+              "trainer.cuda_graph=true", "trainer.data_on_device=true", "trainer.steps_per_graph=5"]
+    done = run_cli("-m", "hydra/launcher=fused", *common, "trainer.seed=0,1", "loss=iwae",
+                   f"output_root={tmp_path / 'fused'}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    (sweep,) = (tmp_path / "fused" / "multirun").iterdir()
+    assert "fused group of 2 jobs" in (sweep / "0" / "run.log").read_text()
+    for seed in (0, 1):
+        code, alone = run_in_process(tmp_path / f"alone{seed}", *common, f"trainer.seed={seed}")
+        assert code == 0
+        fused = torch.load(sweep / str(seed) / "checkpoints" / "last.pt", weights_only=True, map_location="cpu")
+        ref = torch.load(alone / "checkpoints" / "last.pt", weights_only=True, map_location="cpu")
+        assert fused["loop"]["step"] == ref["loop"]["step"] == 40
+        assert torch.equal(fused["rng"]["cuda"][0], ref["rng"]["cuda"][0])  # the same draws, in the same number
+        a = torch.cat([fused["model"][k].flatten() for k in ref["model"]])
+        b = torch.cat([ref["model"][k].flatten() for k in ref["model"]])
+        assert float((a - b).norm() / b.norm()) <= 1e-5

@@ -48,6 +48,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def own_storage(tensors: dict[str, Any]) -> dict[str, Any]:
+    """Tensors that are views into a larger storage (a fused job's parameters are slices of the
+    group's stack) copied out: torch.save writes a tensor's whole storage."""
+    return {name: t.clone() if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes() > t.nbytes else t
+            for name, t in tensors.items()}
+
+
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     payload = {"format_version": FORMAT_VERSION, **payload}
     buffer = io.BytesIO()

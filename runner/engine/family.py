@@ -14,6 +14,13 @@ The engine knows nothing about images, latent variables or text. A family gives 
   processes equal the single-process metrics.
 * optional hooks: ``on_train_epoch_start`` (reset carried state), ``after_evaluation`` (write
   family extras such as ``per_class.csv`` or ``samples.txt``).
+* optionally, ``train_loss`` in three parts, which lets jobs of the same shapes train fused as
+  one batched model (runner/engine/fused.py): ``train_inputs(batch)`` makes every random draw
+  of the step (from ``generator``: None is the global RNG, a fused job has its own),
+  ``forward(model, inputs)`` is the model call (no randomness; fused, it runs under
+  ``torch.func.vmap``), ``loss_sum(outputs, inputs)`` the loss sum, ``units(inputs)`` the unit
+  count (from shapes: a Python int, no device read). The family's
+  module then says which of its jobs fuse: ``fusion_blocker(model, loss)`` (None, or why not).
 """
 from __future__ import annotations
 
@@ -75,6 +82,11 @@ class Family(ABC):
     model: nn.Module
     # Name of the unit that train_loss counts ("samples" or "tokens"), for logs and summary.
     unit: str = "samples"
+    # Where train_inputs draws its randomness: None, the global RNG (a run alone); a fused job
+    # has its own, and ``rng_at_build``, the global RNG states as it was built, which its
+    # checkpoints hold as a run alone's would (runner/engine/fused.py).
+    generator: torch.Generator | None = None
+    rng_at_build: dict[str, Any] = {}
 
     @property
     def raw_model(self) -> nn.Module:
@@ -92,9 +104,22 @@ class Family(ABC):
         self.device = device
         return self
 
-    @abstractmethod
     def train_loss(self, batch: Any) -> tuple[Tensor, int | Tensor]:
         """(sum of per-unit losses over the batch, number of units in the batch)."""
+        inputs = self.train_inputs(batch)
+        return self.loss_sum(self.forward(self.model, inputs), inputs), self.units(inputs)
+
+    def train_inputs(self, batch: Any) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} defines train_loss whole")
+
+    def forward(self, model: nn.Module, inputs: Any) -> Any:
+        raise NotImplementedError
+
+    def loss_sum(self, outputs: Any, inputs: Any) -> Tensor:
+        raise NotImplementedError
+
+    def units(self, inputs: Any) -> int:
+        raise NotImplementedError
 
     @abstractmethod
     def evaluator(self, split: str) -> Evaluator:

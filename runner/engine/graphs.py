@@ -50,8 +50,10 @@ class GraphedStep:
     steps: cuDNN/cuBLAS pick their kernels and the optimizer allocates its state), the next one
     captures and replays."""
 
-    def __init__(self, body: Callable[[Any], None], warmup: int = 3):
-        self.body, self.warmup = body, warmup
+    def __init__(self, body: Callable[[Any], None], warmup: int = 3, generators: tuple[torch.Generator, ...] = ()):
+        """``generators``: generators other than the default one that ``body`` draws from (a
+        fused group's per-job streams); the graph advances them at each replay."""
+        self.body, self.warmup, self.generators = body, warmup, generators
         self.calls = 0
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static: Any = None
@@ -78,6 +80,8 @@ class GraphedStep:
             torch.cuda.current_stream().wait_stream(side)
             return
         self.graph = torch.cuda.CUDAGraph()
+        for generator in self.generators:
+            self.graph.register_generator_state(generator)
         # thread_local: the DataLoader's pin-memory thread may use CUDA while this one captures.
         with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.body(self.static)

@@ -17,7 +17,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -116,21 +116,14 @@ class Trainer:
         self.log_every, self.val_every = int(t.log_every_n_steps), int(t.val_every_n_steps)
         self.ckpt_every, self.accumulate = int(t.ckpt_every_n_steps), int(t.accumulate_grad_batches)
         self.last_log = (time.time(), 0, 0.0)  # wall time, units seen, paused time
+        self.open = True  # still training: a job closes when it is done or fails
+        self.error: Exception | None = None  # what ended this job early, for its summary
+        self.closed_weights: str | None = None  # a fused job: the checkpoint of its weights when it closed
 
-    # --- the loop ----------------------------------------------------------------------------
+    # --- the loop -----------------------------------------------------------------------------
     def fit(self, stop: SignalFlag) -> None:
-        self.warn_if_batchnorm_accumulates()
-        self.last_log = (time.time(), self.state.samples_seen, self.clock.paused_s)
-        with self.clock.running(), self.progress:
-            while self.state.epoch < int(self.t.max_epochs) and not self.done():
-                self.family.on_train_epoch_start(self.state.epoch)
-                for window in self.windows():
-                    steps, units = self.stepper.run(window, self.state.step)
-                    self.count(steps, units)
-                    self.after_steps(steps, stop)
-                    if self.done():
-                        break
-                self.end_epoch(stop)
+        """Train this run alone: the loop below with a group of one."""
+        fit([self], lambda windows, step: [self.stepper.run(windows[0], step)], stop)
 
     def windows(self) -> Iterator[Window]:
         """This epoch's optimizer steps from the resume point: windows of accumulate_grad_batches
@@ -170,18 +163,17 @@ class Trainer:
             self.state.skipped_steps += 1
             self.stepper.last_skipped = False
 
-    def after_steps(self, steps: int, stop: SignalFlag) -> None:
+    def after_steps(self, steps: int) -> None:
         if self.passed_multiple(self.log_every, steps) or self.done():
             self.log_training()
         if self.passed_multiple(self.val_every, steps):
             self.validate()
         if self.passed_multiple(self.ckpt_every, steps):
             self.save("last")
-        if stop.signum is not None:
-            self.save("last")
-            raise Interrupted(stop.signum)
+        if self.done():
+            self.end_epoch()  # the run's last step: its closing validation and checkpoint
 
-    def end_epoch(self, stop: SignalFlag) -> None:
+    def end_epoch(self) -> None:
         self.stepper.check_finite(self.state.step, self.bundle.family)
         if self.state.batch_in_epoch >= self.batches_per_epoch:
             self.state.epoch += 1
@@ -190,8 +182,18 @@ class Trainer:
         if self.val_every == 0 and not self.state.stopped_early:
             self.validate()
         self.save("last")
-        if stop.signum is not None:
-            raise Interrupted(stop.signum)
+        if self.done():  # the last step, or early stopping decided by this validation
+            self.open = False
+
+    def guarded(self, work: Callable[[], None]) -> None:
+        """Run ``work`` for this job; a failure of its own (a non-finite loss, a full disk) ends
+        this job alone, and ``error`` keeps it for the job's summary."""
+        try:
+            work()
+        except Interrupted:
+            raise
+        except Exception as e:
+            self.error, self.open = e, False
 
     # --- what the loop does between steps --------------------------------------------------------
     def epoch_batches(self, epoch: int) -> Any:
@@ -311,18 +313,42 @@ class Trainer:
     # --- checkpoints -------------------------------------------------------------------------
     def checkpoint_payload(self) -> dict[str, Any]:
         return {
-            "model": self.family.raw_model.state_dict(),
+            "model": ckpt.own_storage(self.family.raw_model.state_dict()),
             "optimizer": self.optimizer.state_dict(),
             "schedule": self.schedule.state_dict(),
             "scaler": self.stepper.scaler.state_dict(),
             "loop": asdict(self.state),
-            "rng": ckpt.rng_state(),
+            "rng": self.rng_state(),
             "family": self.family.state_dict() if hasattr(self.family, "state_dict") else {},
             # The last validation's metrics: a run resumed after it still reports them.
             "metrics": dict(self.final_metrics),
             "eval_samples": dict(self.eval_samples),
             **self.meta,
         }
+
+    def rng_state(self) -> dict[str, Any]:
+        """Every RNG state the next step depends on. A fused job (runner/engine/fused.py) draws
+        from its own generator: its state takes the place of the device's global one, so that
+        the checkpoint is the one of the same job run alone."""
+        generator = self.family.generator
+        if generator is None:
+            return ckpt.rng_state()
+        state = dict(self.family.rng_at_build)
+        if generator.device.type == "cuda":
+            index = generator.device.index or 0
+            state["cuda"] = [generator.get_state() if i == index else s for i, s in enumerate(state["cuda"])]
+        else:
+            state["torch"] = generator.get_state()
+        return state
+
+    def restore_rng(self, state: dict[str, Any]) -> None:
+        generator = self.family.generator
+        if generator is None:
+            ckpt.set_rng_state(state)
+            return
+        self.family.rng_at_build = state
+        generator.set_state(state["cuda"][generator.device.index or 0] if generator.device.type == "cuda"
+                            else state["torch"])
 
     def save(self, name: str) -> None:
         with self.clock.paused():
@@ -342,6 +368,44 @@ class Trainer:
         self.state = LoopState(**payload["loop"])
         self.final_metrics = dict(payload.get("metrics", {}))
         self.eval_samples = dict(payload.get("eval_samples", {}))
-        ckpt.set_rng_state(payload["rng"])
+        self.restore_rng(payload["rng"])
         if payload.get("family") and hasattr(self.family, "load_state_dict"):
             self.family.load_state_dict(payload["family"])
+
+
+def fit(trainers: list[Trainer], take_steps: Callable[[list[Window | None], int], list[tuple[int, int]]],
+        stop: SignalFlag) -> None:
+    """The training loop: epochs, optimizer steps, then each job's logging, validation and
+    checkpoints. A run alone is a group of one. Fused jobs (runner/engine/fused.py) move in
+    lockstep, ``take_steps`` taking one step for all of them (None: a closed job's place); a job
+    that is done (its last step, early stopping, a failure of its own) closes, the others go on."""
+    lead = trainers[0]
+    for t in trainers:
+        t.warn_if_batchnorm_accumulates()
+        t.open = t.open and t.state.epoch < int(t.t.max_epochs) and not t.done()  # a resumed run may be done
+        t.last_log = (time.time(), t.state.samples_seen, t.clock.paused_s)
+    with lead.clock.running(), lead.progress:
+        while any(t.open for t in trainers):
+            for t in trainers:
+                if t.open:
+                    t.family.on_train_epoch_start(t.state.epoch)
+            epochs = [t.windows() for t in trainers]
+            while True:
+                windows = [next(epoch, None) if t.open else None for epoch, t in zip(epochs, trainers)]
+                if all(window is None for window in windows):
+                    break  # the epoch's batches are done, or every job is
+                taken = take_steps(windows, lead.state.step)
+                for t, window, (steps, units) in zip(trainers, windows, taken):
+                    if window is not None:
+                        t.count(steps, units)
+                        t.guarded(lambda: t.after_steps(steps))
+                if stop.signum is not None:  # the step is done: write each open job's checkpoint and stop
+                    for t in trainers:
+                        if t.open:
+                            t.save("last")
+                    raise Interrupted(stop.signum)
+            for t in trainers:
+                if t.open:
+                    t.guarded(t.end_epoch)
+            if stop.signum is not None:
+                raise Interrupted(stop.signum)  # each open job has just written its checkpoint

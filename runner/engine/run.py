@@ -91,21 +91,25 @@ def validate(config: Config) -> None:
             raise UserError(f"trainer.{key}={getattr(t, key)} must be > 0, or -1 for no limit")
 
 
-def build_family(config: Config, ctx: DeviceContext, choices: dict[str, str]) -> tuple[DataBundle, Family]:
-    """The data, then the family (model and loss) that fits it; incompatible pairs exit 2 first."""
-    parts = {"model": config.model, "loss": config.loss}
-    family_name = compat.family_of_dataset(config.dataset)  # runner's own datasets were checked in run()
+def build_data(config: Config, ctx: DeviceContext, choices: dict[str, str]) -> DataBundle:
+    """The dataset's splits; a family/model/loss pair that does not fit them exits 2 first."""
+    family_name = compat.family_of_dataset(config.dataset)  # runner's own datasets were checked in start()
     # Datasets that prepare batches on the device, or choose where to, take these two.
     bundle = build(config.dataset, "dataset", device=ctx.device, num_workers=int(config.trainer.num_workers))
     if not isinstance(bundle, DataBundle):
         raise UserError(f"dataset._target_ {compat.target_of(config.dataset)} did not return a DataBundle")
     if family_name is None:
-        compat.check_compatible(bundle.family, choices, **parts)
+        compat.check_compatible(bundle.family, choices, model=config.model, loss=config.loss)
     for split in ("train", "val", "test"):
         dataset = getattr(bundle, split)
         if (dataset is None and split == "train") or (dataset is not None and len(dataset) == 0):
             raise UserError(f"the {split} split of dataset '{compat.target_of(config.dataset)}' is empty "
                             f"(check dataset.n_{split} or the data files)")
+    return bundle
+
+
+def build_family(config: Config, ctx: DeviceContext, bundle: DataBundle) -> Family:
+    """The family (model and loss) for the data, on the device."""
     family = compat.module_of(bundle.family).build(bundle, config.model, config.loss, seed=config.trainer.seed)
     empty = [(n, tuple(p.shape)) for n, p in family.raw_model.named_parameters() if p.numel() == 0]
     if empty:
@@ -114,7 +118,7 @@ def build_family(config: Config, ctx: DeviceContext, choices: dict[str, str]) ->
     family.to(ctx.device)
     if config.trainer.channels_last:
         family.model.to(memory_format=torch.channels_last)
-    return bundle, family
+    return family
 
 
 def test_split(family: Family, bundle: DataBundle, ctx: DeviceContext, trainer: TrainerConfig,
@@ -171,29 +175,38 @@ def make_trainer(config: Config, family: Family, bundle: DataBundle, ctx: Device
     return Trainer(family, bundle, ctx, t, config.optim, config.schedule, results, run_dir, meta)
 
 
-def train(config: Config, trainer: Trainer, results: RunResults, run_dir: Path | None) -> None:
-    """mode=train: fit (resuming where the run folder left off), then test the best weights."""
-    t, family, bundle, ctx = config.trainer, trainer.family, trainer.bundle, trainer.ctx
+def restore(config: Config, trainer: Trainer, results: RunResults) -> None:
+    """mode=train: continue the run folder's last checkpoint (resume=), or start from another
+    run's weights (ckpt_path=, fine-tuning)."""
     last = Path(config.resume or "") / "checkpoints" / "last.pt"
     if config.resume and last.is_file():
         trainer.restore(ckpt.load_checkpoint(last, map_location="cpu"), last)
     elif config.ckpt_path:  # fine-tuning: the weights of another run, a fresh optimizer and loop
         payload = ckpt.load_checkpoint(config.ckpt_path, map_location="cpu")
-        skipped = ckpt.load_model_weights(family.raw_model, payload, config.ckpt_path, strict=config.ckpt_strict)
+        skipped = ckpt.load_model_weights(trainer.family.raw_model, payload, config.ckpt_path,
+                                          strict=config.ckpt_strict)
         log.warning("initialised the weights from %s%s", config.ckpt_path,
                     f" (left {len(skipped)} tensors as built: {', '.join(skipped[:5])})" if skipped else "")
     if config.resume:
         results.resumed(trainer.state.step)
         results.write_summary(status="running")
-    with SignalFlag() as stop:
-        trainer.fit(stop)
-    # Test the best weights by the monitored metric where validation chose some. Only rank 0
-    # knows the run folder: it tells the others (identity under one process).
+
+
+def test_trained(config: Config, trainer: Trainer, results: RunResults, run_dir: Path | None) -> None:
+    """mode=train, after fitting: test the best weights by the monitored metric where validation
+    chose some (else the last), and put the final metrics in the summary."""
+    if trainer.error is not None:  # the loop ended this run early: its own failure
+        raise trainer.error
+    t, family, bundle, ctx = config.trainer, trainer.family, trainer.bundle, trainer.ctx
+    # Only rank 0 knows the run folder: it tells the others (identity under one process).
     best = run_dir / "checkpoints" / "best.pt" if run_dir is not None else None
     path = ctx.broadcast_object(str(best) if best is not None and best.is_file() else None)
+    if path is None and trainer.closed_weights is not None:
+        path = trainer.closed_weights  # a fused job that closed before its group: its weights at that step
     if path is not None:
         ckpt.load_model_weights(family.raw_model, ckpt.load_checkpoint(path, ctx.device), path)
-    where = {"epoch": trainer.state.epoch, "step": trainer.state.step, "weights": "best" if path else "last"}
+    where = {"epoch": trainer.state.epoch, "step": trainer.state.step, "weights": "best" if best is not None
+             and path == str(best) else "last"}
     test_metrics = test_split(family, bundle, ctx, t, results, run_dir, where)
     if bundle.test is not None:
         results.summary["test_weights"] = where["weights"]
@@ -203,63 +216,101 @@ def train(config: Config, trainer: Trainer, results: RunResults, run_dir: Path |
         (run_dir / "checkpoints" / "last.pt").unlink(missing_ok=True)
 
 
-def run(config: Config, run_dir: Path | None, choices: dict[str, str] | None = None,
-        console: Console | None = None, job: JobInfo | None = None) -> int:
-    """Run one job; returns the exit code. ``run_dir`` is None on processes other than rank 0;
-    ``choices`` names the option chosen in each group (for messages); ``job``: the job's
-    overrides and sweep folder, which the loggers record."""
-    console = console or Console(quiet=int(os.environ.get("RANK", "0")) != 0)  # rank 0 speaks for all
-    results = RunResults(run_dir, run=RunInfo.of(config, run_dir, choices, job), logger=config.logger)
-    ctx, trainer, code = None, None, EXIT_OK
-    try:
+class RunLife:
+    """One run from its typed settings to its summary.json and exit code: ``start`` checks the
+    settings and builds the run (mode=eval and predict finish there), the caller trains the
+    returned Trainer (alone, or fused with others: runner/engine/fused.py), ``test`` tests it,
+    ``fail`` records whatever ended it, and ``close`` writes the summary and returns the code."""
+
+    def __init__(self, config: Config, run_dir: Path | None, choices: dict[str, str] | None = None,
+                 console: Console | None = None, job: JobInfo | None = None):
+        self.config, self.run_dir, self.choices = config, run_dir, choices or {}
+        self.console = console or Console(quiet=int(os.environ.get("RANK", "0")) != 0)  # rank 0 speaks for all
+        self.results = RunResults(run_dir, run=RunInfo.of(config, run_dir, choices, job), logger=config.logger)
+        self.ctx: DeviceContext | None = None
+        self.bundle: DataBundle | None = None
+        self.trainer: Trainer | None = None
+        self.status, self.code = "running", EXIT_OK
+
+    def start(self) -> Trainer | None:
+        """Everything before training: the Trainer in mode=train, None once mode=eval or
+        predict has run."""
+        family = self.prepare()
+        return None if family is None else self.make_trainer(family)
+
+    def prepare(self, bundle: DataBundle | None = None) -> Family | None:
+        """Checks, device, seed, data and family (``bundle``: data already built, which a fused
+        group shares); mode=eval and predict run here and return None."""
+        config, results = self.config, self.results
         validate(config)
         family_name = compat.family_of_dataset(config.dataset)
         if family_name is not None:  # runner's own dataset: an incompatible pair stops before anything runs
-            compat.check_compatible(family_name, choices or {}, model=config.model, loss=config.loss)
-        ctx = devices.resolve(config.device.strategy, config.device.index, config.device.backend)
+            compat.check_compatible(family_name, self.choices, model=config.model, loss=config.loss)
+        ctx = self.ctx = devices.resolve(config.device.strategy, config.device.index, config.device.backend)
         results.summary["device"] = ctx.describe()
-        if ctx.is_main and run_dir is not None:  # first, so that a slow start is not a silent one
-            console.print(f"run folder: {run_dir}\ndevice: {results.summary['device']}", highlight=False, markup=False,
-                          soft_wrap=True)
+        if ctx.is_main and self.run_dir is not None:  # first, so that a slow start is not a silent one
+            self.console.print(f"run folder: {self.run_dir}\ndevice: {results.summary['device']}", highlight=False,
+                               markup=False, soft_wrap=True)
         if not ctx.is_main:
-            results = RunResults(None)
+            results = self.results = RunResults(None)
         if config.resume:
             results.hold()
         results.write_summary(status="running")
-        log.info("run folder %s, device %s\n%s", run_dir, results.summary["device"],
+        log.info("run folder %s, device %s\n%s", self.run_dir, results.summary["device"],
                  OmegaConf.to_yaml(OmegaConf.structured(config)))
         seed_everything(config.trainer.seed, config.trainer.deterministic)
         set_matmul_precision(config.trainer.precision)
-        bundle, family = build_family(config, ctx, choices or {})
+        self.bundle = bundle or build_data(config, ctx, self.choices)
+        family = build_family(config, ctx, self.bundle)
         if config.mode == Mode.eval:
-            evaluate_checkpoint(config, family, bundle, ctx, results, run_dir)
-        elif config.mode == Mode.predict:
+            evaluate_checkpoint(config, family, self.bundle, ctx, results, self.run_dir)
+            return None
+        if config.mode == Mode.predict:
             load_trained(config, family, ctx)
-            results.summary["predictions"] = predict(family, bundle, ctx, config.trainer, run_dir)
+            results.summary["predictions"] = predict(family, self.bundle, ctx, config.trainer, self.run_dir)
+            return None
+        return family
+
+    def make_trainer(self, family: Family) -> Trainer:
+        """mode=train: the loop's state, continued from the run folder (resume=) or from another
+        run's weights (ckpt_path=)."""
+        self.trainer = make_trainer(self.config, family, self.bundle, self.ctx, self.results, self.run_dir)
+        restore(self.config, self.trainer, self.results)
+        return self.trainer
+
+    def test(self) -> None:
+        if self.trainer is not None:
+            test_trained(self.config, self.trainer, self.results, self.run_dir)
+        self.status = "completed"
+
+    def fail(self, e: BaseException) -> None:
+        """Record what ended the run: a user error (exit 2), an interrupt (130 / 143), or a
+        run-time failure (exit 1, one line on the terminal, the traceback in run.log)."""
+        results, console = self.results, self.console
+        if isinstance(e, UserError):
+            self.status, self.code = "failed", EXIT_USER_ERROR
+            results.summary["error"] = str(e)
+            log.info("user error: %s", e)  # run.log only; the terminal gets the one line below
+            console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        elif isinstance(e, Interrupted):
+            self.status, self.code = "interrupted", e.exit_code
+            results.summary["error"] = str(e)
+            console.print(f"[yellow]{e}: checkpoint written to checkpoints/last.pt; continue with "
+                          f"resume={self.run_dir}")
+        elif isinstance(e, KeyboardInterrupt):
+            self.status, self.code = "interrupted", EXIT_SIGINT
+            results.summary["error"] = "interrupted by a second SIGINT (no checkpoint of the current step)"
         else:
-            trainer = make_trainer(config, family, bundle, ctx, results, run_dir)
-            train(config, trainer, results, run_dir)
-        status = "completed"
-    except UserError as e:
-        status, code = "failed", EXIT_USER_ERROR
-        results.summary["error"] = str(e)
-        log.info("user error: %s", e)  # run.log only; the terminal gets the one line below
-        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-    except Interrupted as e:
-        status, code = "interrupted", e.exit_code
-        results.summary["error"] = str(e)
-        console.print(f"[yellow]{e}: checkpoint written to checkpoints/last.pt; continue with resume={run_dir}")
-    except KeyboardInterrupt:
-        status, code = "interrupted", EXIT_SIGINT
-        results.summary["error"] = "interrupted by a second SIGINT (no checkpoint of the current step)"
-    except Exception as e:
-        status, code = "failed", EXIT_FAILED
-        message = runtime_message(e)
-        results.summary["error"] = message
-        log.info("run failed: %s\n%s", message, traceback.format_exc())  # the traceback goes to run.log only
-        where = f" (traceback in {run_dir / 'run.log'})" if run_dir is not None else ""
-        console.print(f"[bold red]failed:[/] {message}{where}", highlight=False, soft_wrap=True)
-    finally:
+            self.status, self.code = "failed", EXIT_FAILED
+            message = runtime_message(e)
+            results.summary["error"] = message
+            log.info("run failed: %s\n%s", message, "".join(traceback.format_exception(e)))  # run.log only
+            where = f" (traceback in {self.run_dir / 'run.log'})" if self.run_dir is not None else ""
+            console.print(f"[bold red]failed:[/] {message}{where}", highlight=False, soft_wrap=True)
+
+    def close(self) -> int:
+        """Write the summary (any status), finish the loggers; the exit code."""
+        trainer, results, status, ctx = self.trainer, self.results, self.status, self.ctx
         if trainer is not None:
             # Folding in the other processes' counts is a collective: skip it when a process
             # failed, since the others may never reach it.
@@ -274,14 +325,33 @@ def run(config: Config, run_dir: Path | None, choices: dict[str, str] | None = N
             results.write_summary(status=status)
             results.finish()
         except OSError as e:  # the disk filled or the folder went away: say so in one line
-            status, code = "failed", EXIT_FAILED
-            console.print(f"[bold red]failed:[/] cannot write the run's results: {os_message(e)}", highlight=False,
-                          soft_wrap=True)
+            self.status, self.code = "failed", EXIT_FAILED
+            self.console.print(f"[bold red]failed:[/] cannot write the run's results: {os_message(e)}",
+                               highlight=False, soft_wrap=True)
+        if self.status == "completed" and results.enabled:
+            self.console.print(f"[bold]{results.title}: final metrics", soft_wrap=True)
+            self.console.print(metrics_table(results.summary["metrics"]))
+            self.console.print(f"run folder: {self.run_dir}", soft_wrap=True)
+        return self.code
+
+
+def run(config: Config, run_dir: Path | None, choices: dict[str, str] | None = None,
+        console: Console | None = None, job: JobInfo | None = None) -> int:
+    """Run one job; returns the exit code. ``run_dir`` is None on processes other than rank 0;
+    ``choices`` names the option chosen in each group (for messages); ``job``: the job's
+    overrides and sweep folder, which the loggers record."""
+    life = RunLife(config, run_dir, choices, console, job)
+    try:
+        trainer = life.start()
+        if trainer is not None:
+            with SignalFlag() as stop:
+                trainer.fit(stop)
+        life.test()
+    except (Exception, KeyboardInterrupt) as e:
+        life.fail(e)
+    finally:
+        code = life.close()
         devices.shutdown()  # also for a one-process ddp group
-    if status == "completed" and results.enabled:
-        console.print(f"[bold]{results.title}: final metrics", soft_wrap=True)
-        console.print(metrics_table(results.summary["metrics"]))
-        console.print(f"run folder: {run_dir}", soft_wrap=True)
     return code
 
 

@@ -67,18 +67,24 @@ class OptimizerStep:
         self.graphed_launch = GraphedStep(self.captured_steps) if steps_per_launch > 1 else None
         self.graph_units = 0
         self.last_skipped = False  # whether the last eager step was skipped as non-finite
+        # A captured step owns its gradients' memory, as does a fused group (its jobs' gradients
+        # are views into one stacked tensor): zeroed in place, never set to None.
+        self.keep_grad_memory = captured
+        self.zero_grad = True  # a fused group overwrites its gradients at each step instead
 
-    def update(self, scale: Tensor | float, skip: bool = False) -> None:
-        """Divide the summed gradients by the step's units (``scale`` = 1 / units), clip, step."""
+    def update(self, scale: Tensor | float | None, skip: bool = False) -> None:
+        """Divide the summed gradients by the step's units (``scale`` = 1 / units; None: divided
+        already), clip, step."""
         self.scaler.unscale_(self.optimizer)
-        torch._foreach_mul_([p.grad for p in self.params if p.grad is not None], scale)  # one fused launch
+        if scale is not None:
+            torch._foreach_mul_([p.grad for p in self.params if p.grad is not None], scale)  # one fused launch
         if self.clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.clip)
         if not skip:
             self.scaler.step(self.optimizer)
         self.scaler.update()  # a no-op unless precision=16
-        # Under a captured step the gradients' memory belongs to the graph: zero it in place.
-        self.optimizer.zero_grad(set_to_none=self.graphed is None)
+        if self.zero_grad:
+            self.optimizer.zero_grad(set_to_none=not self.keep_grad_memory)
 
     def run(self, window: Window, step_index: int) -> tuple[int, int]:
         """Take the window's optimizer step(s); (steps taken, units trained on by this process)."""

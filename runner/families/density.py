@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import Tensor
 
-from runner.build import build as build_node
+from runner.build import build as build_node, plain
 from runner.engine.family import DataBundle, Family
 from runner.errors import UserError
 from runner.engine.compat import Accepts
@@ -38,10 +38,21 @@ class DensityFamily(Family):
         self.dim = int(bundle.info["dim"])
         self.image_shape = tuple(bundle.info.get("image_shape", (28, 28)))
 
-    def train_loss(self, batch: Tensor) -> tuple[Tensor, int]:
-        x = torch.bernoulli(batch.float())
-        per_sample = self.loss(self.model(x, self.loss.k, self.loss.stop_q))
-        return per_sample.sum(), x.shape[0]
+    # A training step in three parts (runner/engine/family.py): the random draws, the model, the loss.
+    def train_inputs(self, batch: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """Dynamic binarisation and the k latent draws per data point, from ``generator``."""
+        x = torch.bernoulli(batch.float(), generator=self.generator)
+        return x, self.raw_model.noise(self.loss.k, x.shape[0], self.generator)
+
+    def forward(self, model: VAE, inputs: tuple[Tensor, list[Tensor]]) -> dict:
+        x, noise = inputs
+        return model(x, self.loss.k, self.loss.stop_q, noise=noise)
+
+    def loss_sum(self, outputs: dict, inputs: tuple[Tensor, list[Tensor]]) -> Tensor:
+        return self.loss(outputs).sum()
+
+    def units(self, inputs: tuple[Tensor, list[Tensor]]) -> int:
+        return inputs[0].shape[0]
 
     def predict(self, batch: Tensor) -> dict[str, Tensor]:
         """mode=predict: each sample's ELBO and its k-sample importance bound (k = loss.k), in nats."""
@@ -101,6 +112,12 @@ def write_samples_plot(model: VAE, test_set, image_shape: tuple[int, int], path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100, bbox_inches="tight")
     return True
+
+
+def fusion_blocker(model: Any, loss: Any) -> str | None:
+    """VAE and IWAE jobs fuse (runner/engine/fused.py); DReG rescales gradients by a hook inside
+    the model, which a batched forward pass does not reach."""
+    return "loss=dreg does not fuse" if str(plain(loss).get("_target_", "")).endswith("DReG") else None
 
 
 def build(bundle: DataBundle, model: Any, loss: Any, seed: int = 0) -> DensityFamily:

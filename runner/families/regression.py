@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
-from runner.build import build as build_node
+from runner.build import build as build_node, plain
 from runner.engine.family import DataBundle, Evaluator, Family
 from runner.engine.compat import Accepts
 from runner.losses.regression import SquaredError
@@ -59,9 +59,18 @@ class RegressionFamily(Family):
     def __init__(self, model: nn.Module, loss: nn.Module | None = None):
         self.model, self.loss = model, loss or SquaredError()
 
-    def train_loss(self, batch: Any) -> tuple[Tensor, int]:
-        x, y = batch
-        return self.loss(self.model(x), y).sum(), x.shape[0]
+    # A training step in three parts (runner/engine/family.py); no random draws here.
+    def train_inputs(self, batch: Any) -> Any:
+        return batch
+
+    def forward(self, model: nn.Module, inputs: Any) -> Tensor:
+        return model(inputs[0])
+
+    def loss_sum(self, outputs: Tensor, inputs: Any) -> Tensor:
+        return self.loss(outputs, inputs[1]).sum()
+
+    def units(self, inputs: Any) -> int:
+        return inputs[0].shape[0]
 
     def evaluator(self, split: str) -> Evaluator:
         return MSEEvaluator(self.raw_model, self.loss)
@@ -69,6 +78,11 @@ class RegressionFamily(Family):
     def predict(self, batch: Any) -> dict[str, Tensor]:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         return {"prediction": self.raw_model(x).float().flatten(1)[:, 0]}
+
+
+def fusion_blocker(model: Any, loss: Any) -> str | None:
+    """Regression jobs fuse (runner/engine/fused.py) unless BatchNorm keeps statistics per job."""
+    return "model.batchnorm=true does not fuse" if plain(model).get("batchnorm") else None
 
 
 def build(bundle: DataBundle, model: Any, loss: Any, seed: int = 0) -> RegressionFamily:

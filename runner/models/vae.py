@@ -103,14 +103,25 @@ class VAE(nn.Module):
         with torch.no_grad():
             self.decoders[0].layers[-1].bias.copy_(torch.log(p) - torch.log1p(-p))
 
-    def encode(self, x: Tensor, k: int, stop_q: bool = False, generator: torch.Generator | None = None):
-        """Sample z_1..z_L ~ q (k per data point). Returns (latents, log q [k, B], means per layer)."""
+    def noise(self, k: int, batch: int, generator: torch.Generator | None = None) -> list[Tensor]:
+        """The standard normal draws of one forward pass, [k, batch, d_i] per stochastic layer, in
+        the order ``encode`` uses them. Drawn before the pass, a training step's randomness is in
+        its inputs: fused jobs (runner/engine/fused.py) draw each job's from its own generator."""
+        weight = self.encoders[0].layers[0].weight  # the draws take the model's device and (full) dtype
+        return [torch.randn((k, batch, d), device=weight.device, dtype=_full(weight).dtype, generator=generator)
+                for d in self.latent_dims]
+
+    def encode(self, x: Tensor, k: int, stop_q: bool = False, generator: torch.Generator | None = None,
+               noise: list[Tensor] | None = None):
+        """Sample z_1..z_L ~ q (k per data point; ``noise``: the draws, else drawn here). Returns
+        (latents, log q [k, B], means per layer)."""
         h, previous, log_q = x, None, 0.0
         latents: list[Tensor] = []
         means: list[Tensor] = []
         for i, encoder in enumerate(self.encoders):
             mean, logvar = _mean_logvar(encoder(h))  # layer 0: [B, d] (once per data point); else [k, B, d]
-            eps = torch.randn((k, *mean.shape[-2:]), device=mean.device, dtype=mean.dtype, generator=generator)
+            eps = noise[i] if noise is not None else torch.randn((k, *mean.shape[-2:]), device=mean.device,
+                                                                  dtype=mean.dtype, generator=generator)
             z = mean + torch.exp(0.5 * logvar) * eps
             # The gradient of log w with respect to z_i enters through this alias only; z itself also
             # feeds the next encoder (the reparameterisation path), which DReG must not rescale.
@@ -137,9 +148,9 @@ class VAE(nn.Module):
         logits = _full(self.decoders[0](latents[0]))
         return log_p + bernoulli_log_likelihood(x, logits)
 
-    def forward(self, x: Tensor, k: int, stop_q: bool = False,
-                generator: torch.Generator | None = None) -> dict[str, Tensor | tuple[Tensor, ...]]:
-        latents, log_q, _ = self.encode(x, k, stop_q, generator)
+    def forward(self, x: Tensor, k: int, stop_q: bool = False, generator: torch.Generator | None = None,
+                noise: list[Tensor] | None = None) -> dict[str, Tensor | tuple[Tensor, ...]]:
+        latents, log_q, _ = self.encode(x, k, stop_q, generator, noise)
         return {"log_w": self.log_joint(x, latents) - log_q, "latents": tuple(latents)}
 
     @torch.no_grad()

@@ -1,0 +1,106 @@
+"""Fused sweeps on one GPU (issue: many small-model jobs as one batched run): IWAE k=50, batch 20,
+one stochastic layer, MNIST, TF32, the captured step with 10 steps per launch. Aggregate
+model-steps/s (jobs x each job's steps/s) of:
+
+(a) the best single path (``experiment=iwae_paper``'s GPU default: + torch.compile), which is also
+    the rate of the same jobs run one after another (start-up left out);
+(b) the same without compile (the fused step is not compiled unless asked);
+(c) 1, 2, 4, 8, 16 jobs fused by ``hydra/launcher=fused`` (different seeds);
+(d) 8 jobs fused with ``trainer.compile=true``;
+(e) 8 jobs in 8 processes at once through the joblib launcher (``hydra/launcher=parallel``).
+
+Each job's rate is the median of its logged training rates after the first window (warm-up,
+capture). Usage: python benchmarks/fused.py [--mnist DIR] [--steps N] [--smoke] [--out FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import ROOT
+
+
+def job_rates(sweep_or_run: Path, batch: int) -> list[float]:
+    """Steps/s of each job under a sweep folder (or of one run folder)."""
+    folders = sorted(p for p in sweep_or_run.iterdir() if (p / "metrics.jsonl").is_file()) \
+        if not (sweep_or_run / "metrics.jsonl").is_file() else [sweep_or_run]
+    rates = []
+    for folder in folders:
+        rows = [json.loads(l) for l in (folder / "metrics.jsonl").read_text().splitlines()]
+        train = [r["samples_per_s"] for r in rows if r["split"] == "train"][1:]
+        rates.append(statistics.median(train) / batch)
+    return rates
+
+
+def runner(args: list[str], multirun: bool) -> tuple[Path, float]:
+    """``python -m runner`` in a subprocess; (its run or sweep folder, wall seconds)."""
+    root = Path(tempfile.mkdtemp(prefix="bench-fused-"))
+    started = time.time()
+    done = subprocess.run([sys.executable, "-m", "runner", *(["-m"] if multirun else []), *args,
+                           f"output_root={root}"], cwd=ROOT, capture_output=True, text=True)
+    wall = time.time() - started
+    if done.returncode != 0:
+        raise RuntimeError(f"runner failed ({done.returncode}): {done.stderr[-3000:]}")
+    (folder,) = (root / ("multirun" if multirun else "runs")).iterdir()
+    return folder, wall
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--mnist", default=str(ROOT / ".gpu_data" / "mnist"))
+    parser.add_argument("--steps", type=int, default=30000)
+    parser.add_argument("--jobs", default="1,2,4,8,16")
+    parser.add_argument("--smoke", action="store_true", help="a few steps on the CPU, to check the script")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    batch = 20
+    if args.smoke:
+        common = ["experiment=iwae_silhouettes", "device=cpu", "dataset.n_train=400", "dataset.n_val=0",
+                  "dataset.n_test=20", f"trainer.batch_size={batch}", "loss.eval_k=1", "trainer.max_steps=40",
+                  "trainer.log_every_n_steps=10", "trainer.progress=none", "trainer.max_epochs=5"]
+        fast, compiled = [], []
+    else:
+        common = ["experiment=iwae_mnist", f"dataset.root={args.mnist}", "dataset.n_val=0", "device=gpu",
+                  f"trainer.batch_size={batch}", "loss.k=50", "loss.eval_k=1", "trainer.precision=tf32",
+                  f"trainer.max_steps={args.steps}", "trainer.max_epochs=1000", "trainer.log_every_n_steps=1000",
+                  "trainer.progress=none"]
+        fast = ["trainer.cuda_graph=true", "trainer.data_on_device=true", "trainer.steps_per_graph=10"]
+        compiled = ["trainer.compile=true"]
+    results: dict[str, dict] = {}
+
+    def record(name: str, folder: Path, wall: float, jobs: int) -> None:
+        rates = job_rates(folder, batch)
+        results[name] = {"jobs": jobs, "per_job_steps_s": rates, "aggregate_steps_s": sum(rates), "wall_s": wall}
+        print(f"{name}: {jobs} job(s), aggregate {sum(rates):,.0f} model-steps/s, wall {wall:.0f} s", flush=True)
+
+    record("(a) single, best path (+compile)", *runner([*common, *fast, *compiled], False), 1)
+    record("(b) single, no compile", *runner([*common, *fast], False), 1)
+    for k in (int(j) for j in args.jobs.split(",")):
+        seeds = ",".join(str(s) for s in range(k))
+        record(f"(c) fused x{k}", *runner(["hydra/launcher=fused", *common, *fast, f"trainer.seed={seeds}"], True), k)
+    if not args.smoke:
+        seeds = ",".join(str(s) for s in range(8))
+        record("(d) fused x8 +compile", *runner(["hydra/launcher=fused", *common, *fast, *compiled,
+                                                   f"trainer.seed={seeds}"], True), 8)
+        record("(e) joblib x8 processes", *runner(["hydra/launcher=parallel", "hydra.launcher.n_jobs=8", *common,
+                                                   *fast, f"trainer.seed={seeds}"], True), 8)
+    best_single = results["(a) single, best path (+compile)"]["aggregate_steps_s"]
+    joblib = results.get("(e) joblib x8 processes", {}).get("aggregate_steps_s")
+    print(f"\n{'variant':<34} {'jobs':>4} {'model-steps/s':>14} {'vs (a)':>7} {'vs (e)':>7}")
+    for name, r in results.items():
+        vs_joblib = f"{r['aggregate_steps_s'] / joblib:6.2f}x" if joblib else "     -"
+        print(f"{name:<34} {r['jobs']:>4} {r['aggregate_steps_s']:>14,.0f} {r['aggregate_steps_s'] / best_single:6.2f}x "
+              f"{vs_joblib}")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"results": results, "env": os.environ.get("GPU_NAME")}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,281 @@
+"""Fused jobs: runs of the same shapes trained as one batched model in one process.
+
+A small model (IWAE at batch 20) leaves a GPU idle: its step is a few hundred tiny kernels, and
+a second job on the same GPU only time-slices it. Jobs that share their architecture and tensor
+shapes and differ in seed, optimizer settings (the learning rate, ...) or loss variant take their
+steps together instead (``hydra/launcher=fused`` groups them; hydra_plugins/runner_fused/):
+
+* each parameter of the group is one stacked tensor, [jobs, ...]; every job's model holds views
+  into it, so its optimizer, schedule, checkpoints and evaluation are exactly a run alone's;
+* a step draws each job's randomness from the job's own generator (``Family.train_inputs``),
+  runs all forward passes as one call (``torch.func.vmap`` over ``functional_call``: each
+  Linear becomes one batched matrix product), adds each job's loss (``Family.loss_sum``), takes
+  every job's gradients at once into the stacked gradient whose slices are the jobs' ``.grad``,
+  and lets each job's optimizer step (``OptimizerStep.update``: divide, clip, step);
+* the engine's one loop (runner/engine/loop.py ``fit``) moves the group in lockstep; each job
+  logs, validates and checkpoints into its own run folder. A job that fails (a NaN) or stops
+  early closes alone and the others go on; its slot keeps computing, unused.
+
+A fused job draws the same random numbers as the job run alone (init, data order, noise), so it
+takes the same steps; only the batched matrix products may round differently.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, vmap
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+
+from runner.config import Config, Mode, Strategy
+from runner.engine import checkpoint as ckpt
+from runner.engine import compat, devices
+from runner.engine.family import Family
+from runner.engine.graphs import GraphedStep, step_slice
+from runner.engine.loop import Trainer, Window, fit
+from runner.engine.precision import autocast
+from runner.engine.run import RunLife
+from runner.engine.signals import SignalFlag
+
+log = logging.getLogger("runner")
+
+
+def fusion_blocker(config: Config) -> str | None:
+    """Why this job cannot train fused with others, or None where it can (checked on the config,
+    before anything is built)."""
+    t = config.trainer
+    if config.mode != Mode.train:
+        return f"mode={config.mode.value} does not train"
+    if config.device.strategy == Strategy.ddp:
+        return "device=ddp runs one job over several processes"
+    if t.accumulate_grad_batches != 1 or t.skip_nonfinite or t.precision == "16":
+        return "fused steps need accumulate_grad_batches=1, skip_nonfinite=false and a precision other than 16"
+    name = compat.family_of_dataset(config.dataset)
+    blocker = getattr(compat.module_of(name), "fusion_blocker", None) if name else None
+    if blocker is None:
+        return f"the {name or 'user-defined'} family does not fuse"
+    return blocker(config.model, config.loss)
+
+
+class StackedParameters:
+    """Every job's parameters as slices of one tensor per name: the jobs' models are rebound to
+    views of it (their Parameters and ``.grad`` alias the stack's storage)."""
+
+    def __init__(self, models: Sequence[nn.Module]):
+        if any(True for _ in models[0].buffers()):
+            raise RuntimeError("fused jobs need models without buffers (BatchNorm statistics cannot be stacked)")
+        self.names = [name for name, _ in models[0].named_parameters()]
+        self.stacked: dict[str, Tensor] = {}
+        self.grads: list[Tensor] = []
+        for name in self.names:
+            data = torch.stack([m.get_parameter(name).detach() for m in models])
+            grad = torch.zeros_like(data)
+            for j, model in enumerate(models):
+                module_name, _, leaf = name.rpartition(".")
+                view = nn.Parameter(data[j])  # a leaf that shares the stack's storage
+                view.grad = grad[j]
+                setattr(model.get_submodule(module_name), leaf, view)
+            self.stacked[name] = data.requires_grad_()
+            self.grads.append(grad)
+
+    def take_gradients(self, total: Tensor, scale: float) -> None:
+        """d total / d stack, times ``scale`` (1 / units), into the stacked gradients (each job's
+        ``.grad`` is its slice): the run alone's order, sum then backward then divide."""
+        grads = list(torch.autograd.grad(total, list(self.stacked.values())))
+        torch._foreach_mul_(grads, scale)
+        torch._foreach_copy_(self.grads, grads)
+
+
+def stack_trees(trees: Sequence[Any]) -> Any:
+    """Nested tuples/lists/dicts of tensors, one per job, as one such structure of [jobs, ...]."""
+    leaves, spec = tree_flatten(trees[0])
+    columns = zip(*(tree_flatten(tree)[0] for tree in trees))
+    return tree_unflatten([torch.stack(column) for column in columns], spec)
+
+
+class FusedStep:
+    """One optimizer step of every job in the group (see the module docstring); ``slots[j]``
+    is job j's Trainer, None where a job failed before training (its slot is computed, unused).
+    Everything the jobs share runs once for all: the forward pass, the loss where every job has
+    the same one, the division by the unit count; per job are only the random draws and the
+    optimizer step."""
+
+    def __init__(self, slots: Sequence[Trainer | None], stacks: StackedParameters, *, precision: str,
+                 captured: bool, steps_per_launch: int, compiled: bool):
+        self.slots, self.stacks, self.precision = list(slots), stacks, precision
+        live = [t for t in self.slots if t is not None]
+        self.device = live[0].ctx.device
+        family, model = live[0].family, live[0].family.raw_model
+        self.same_loss = all(type(t.family.loss) is type(family.loss) and repr(t.family.loss) == repr(family.loss)
+                             for t in live)
+
+        def outputs(params: dict[str, Tensor], inputs: Any) -> Any:
+            return family.forward(lambda *args, **kwargs: functional_call(model, params, args, kwargs), inputs)
+
+        def loss(params: dict[str, Tensor], inputs: Any) -> Tensor:
+            return family.loss_sum(outputs(params, inputs), inputs)
+
+        # Every job's forward pass (and its loss, where all jobs have the same) as one batched call.
+        self.forward = vmap(loss if self.same_loss else outputs)
+        if compiled:
+            self.forward = torch.compile(self.forward)
+        # Each job's running loss is a slice of one tensor: one addition a step for the group.
+        self.running = torch.zeros(len(self.slots), device=self.device, dtype=torch.float64)
+        for j, t in enumerate(self.slots):
+            if t is not None:
+                t.stepper.running_loss = self.running[j]
+                t.stepper.zero_grad = False  # take_gradients overwrites the gradients
+        generators = tuple(t.family.generator for t in live)
+        self.graphed = GraphedStep(self.step, generators=generators) if captured else None
+        self.steps_per_launch = steps_per_launch
+        self.graphed_launch = GraphedStep(self.steps, generators=generators) if steps_per_launch > 1 else None
+        self.units = 0
+
+    def take_steps(self, windows: list[Window | None], step_index: int) -> list[tuple[int, int]]:
+        """The engine's ``take_steps`` (loop.py ``fit``): windows of the live trainers, in slot
+        order among them; None for a closed job. Returns (steps, units) per window."""
+        live = iter(windows)
+        per_slot = [next(live) if t is not None else None for t in self.slots]
+        ref = next(w for w in per_slot if w is not None)
+        if ref.stacked is not None:  # several captured steps at once (trainer.steps_per_graph)
+            self.graphed_launch([w.stacked if w is not None else ref.stacked for w in per_slot])
+            steps = ref.steps
+        else:
+            batches = [next(w.micro_batches)[0] if w is not None else None for w in per_slot]
+            first = next(b for b in batches if b is not None)
+            batches = [first if b is None else b for b in batches]  # a closed slot computes on any batch
+            if self.graphed is not None and self.graphed.accepts(batches):
+                self.graphed(batches)
+            else:
+                self.step(batches)
+            steps = 1
+        for t, w in zip(self.slots, per_slot):
+            if t is not None and w is not None:
+                t.stepper.running_units += steps * self.units
+        return [(steps, steps * self.units)] * len(windows)
+
+    def step(self, batches: list[Any]) -> None:
+        """Every job's optimizer step: written to be captured (no host reads, static shapes)."""
+        families = [t.family if t is not None else None for t in self.slots]
+        lead = next(f for f in families if f is not None)
+        with autocast(self.device, self.precision, cache_enabled=False):
+            inputs = [(f or lead).train_inputs(b) for f, b in zip(families, batches)]
+            batched = self.forward(self.stacks.stacked, stack_trees(inputs))
+            if self.same_loss:
+                losses = batched.float()
+            else:
+                losses = torch.stack([(f or lead).loss_sum(tree_map(lambda o, j=j: o[j], batched), inputs[j]).float()
+                                      for j, f in enumerate(families)])
+        self.units = lead.units(inputs[0])  # the jobs' batches have one shape
+        self.stacks.take_gradients(losses.sum(), 1.0 / self.units)
+        for t in self.slots:
+            if t is not None:
+                t.stepper.update(None)  # clip and step: the gradients are divided already
+        self.running.add_(losses.detach())  # a NaN or Inf stays in a job's slice until it is checked
+
+    def steps(self, stacks: list[Any]) -> None:
+        """trainer.steps_per_graph steps of every job, one per stacked batch, captured as one graph."""
+        for s in range(self.steps_per_launch):
+            self.step([step_slice(batches, s) for batches in stacks])
+
+
+def own_generator(device: torch.device) -> torch.Generator:
+    """A generator in the state of ``device``'s global one now: the stream this job, run alone,
+    would go on drawing from."""
+    generator = torch.Generator(device=device)
+    generator.set_state(torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state())
+    return generator
+
+
+def run_group(jobs: Sequence[tuple[Config, Path, dict[str, str], Any]]) -> list[int]:
+    """Train jobs (config, run folder, choices, JobInfo) that fuse as one group; their exit codes."""
+    lives = [RunLife(config, run_dir, choices, job=info) for config, run_dir, choices, info in jobs]
+    families: list[Family | None] = []
+    bundle = None
+    for life in lives:  # each job built as it would be alone: seeded, then its model drawn
+        try:
+            family = life.prepare(bundle)
+            bundle = life.bundle
+            family.generator, family.rng_at_build = own_generator(life.ctx.device), ckpt.rng_state()
+            families.append(family)
+        except (Exception, KeyboardInterrupt) as e:
+            life.fail(e)
+            families.append(None)
+    built = [f for f in families if f is not None]
+    slots: list[Trainer | None] = [None] * len(lives)
+    if built:
+        stacks = StackedParameters([f.raw_model for f in built])
+        for j, (life, family) in enumerate(zip(lives, families)):
+            if family is None:
+                continue
+            try:
+                slots[j] = life.make_trainer(family)
+                slots[j].stepper.keep_grad_memory = True  # its .grad is a view into the stacked gradient
+            except (Exception, KeyboardInterrupt) as e:
+                life.fail(e)
+        slots = [slot for slot, family in zip(slots, families) if family is not None]
+    trainers = [t for t in slots if t is not None]
+    if trainers:
+        lead = trainers[0]
+        for t in trainers[1:]:  # one clock and one display for the group
+            t.clock, t.progress = lead.clock, lead.progress
+        for t in trainers:
+            t.closed_weights = str(t.run_dir / "checkpoints" / "last.pt") if t.run_dir is not None else None
+        settings = lead.t
+        step = FusedStep(slots, stacks, precision=settings.precision, captured=settings.cuda_graph,
+                         steps_per_launch=settings.steps_per_graph, compiled=settings.compile)
+        log.info("fused group of %d jobs: %s", len(trainers), ", ".join(str(t.run_dir) for t in trainers))
+        try:
+            with SignalFlag() as stop:
+                fit(trainers, step.take_steps, stop)
+        except (Exception, KeyboardInterrupt) as e:  # the group's step itself failed: every job with it
+            for life in lives:
+                if life.trainer is not None:
+                    life.fail(e)
+    codes = []
+    for life in lives:
+        if life.trainer is not None and life.status == "running":
+            try:
+                life.test()
+            except (Exception, KeyboardInterrupt) as e:
+                life.fail(e)
+        codes.append(life.close())
+    devices.shutdown()
+    return codes
+
+
+# Settings in which fused jobs may differ: each job has its own seed, optimizer and loss object
+# (the loss must keep the shapes: same k), and its own loggers and display.
+FREE_KEYS = ("trainer.seed", "optim", "loss._target_", "logger", "trainer.progress", "resume", "name")
+
+
+def fusion_key(config: Config) -> str:
+    """Jobs with equal keys fuse: their settings but the free ones, and the step they resume
+    from (a group moves in lockstep)."""
+    from omegaconf import OmegaConf
+
+    settings = OmegaConf.to_container(OmegaConf.structured(config), resolve=True)
+    for key in FREE_KEYS:
+        *path, last = key.split(".")
+        node = settings
+        for part in path:
+            node = node.get(part, {})
+        node.pop(last, None)
+    last = Path(config.resume or "") / "checkpoints" / "last.pt"
+    step = ckpt.load_checkpoint(last)["loop"]["step"] if config.resume and last.is_file() else 0
+    return repr((settings, step))
+
+
+def fusion_groups(configs: Sequence[Config]) -> list[list[int]]:
+    """The jobs (indices into ``configs``) in groups: jobs that fuse share a group, in the order
+    of their first job; a job that cannot fuse is a group of one (the reason is logged)."""
+    groups: dict[str, list[int]] = {}
+    for i, config in enumerate(configs):
+        blocker = fusion_blocker(config)
+        if blocker:
+            log.warning("job %d runs alone: %s", i, blocker)
+        groups.setdefault(f"alone {i}" if blocker else fusion_key(config), []).append(i)
+    return list(groups.values())
