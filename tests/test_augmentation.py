@@ -5,12 +5,6 @@ draws what the uninterrupted single process drew, the main process's RNG is left
 SIGKILLed run resumed with augmentation on is bitwise the uninterrupted one; bad lists exit 2."""
 from __future__ import annotations
 
-import os
-import random
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -18,7 +12,7 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from conftest import ROOT, SHARED_DATA, compose, only_run_folder, require, run_cli
+from conftest import SHARED_DATA, compose, require
 from runner import run
 from runner.build import build
 from runner.data import mnist_classes, multilabel_csv
@@ -26,7 +20,7 @@ from runner.engine import data as loaders
 from runner.errors import UserError
 from test_classification_data import write_image_folder
 from test_multilabel_data import jpeg_and_png_folder
-from test_resume_exact import assert_same, logged_steps
+from test_resume_exact import assert_killed_and_resumed_run_is_bitwise_identical
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 SIZE = 16
@@ -154,23 +148,4 @@ def test_sigkill_mid_epoch_then_resume_with_augmentation_is_bitwise_identical(tm
                  "model.width=8", "trainer.batch_size=8", "trainer.max_epochs=3", "trainer.eval_batch_size=32",
                  "device=cpu", "trainer.deterministic=true", "trainer.num_workers=2", "trainer.ckpt_every_n_steps=1",
                  "trainer.log_every_n_steps=1", "trainer.progress=none"]
-    reference = run_cli(*overrides, f"output_root={tmp_path / 'ref'}")
-    assert reference.returncode == 0, reference.stderr[-2000:]
-    ref = torch.load(only_run_folder(tmp_path / "ref") / "checkpoints" / "last.pt", weights_only=True)
-    seed = int.from_bytes(os.urandom(2), "little")
-    kill_at = random.Random(seed).randint(2, ref["loop"]["step"] - 2)
-    print(f"killing at step {kill_at} (seed {seed}; replay with random.Random({seed}))")
-    root = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "runner", *overrides, f"output_root={root}"], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while logged_steps(root) < kill_at and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    run_dir = only_run_folder(root)
-    resumed = run_cli(f"resume={run_dir}")
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    ours = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
-    for key in ("model", "optimizer", "schedule", "scaler", "loop", "rng", "family", "metrics", "eval_samples"):
-        assert_same(ours[key], ref[key], key)
+    assert_killed_and_resumed_run_is_bitwise_identical(tmp_path, overrides)

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import ROOT, only_run_folder, run_cli
@@ -57,6 +58,7 @@ def test_sigterm_checkpoints_and_resume_continues(tmp_path):
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
 
 
+@pytest.mark.slow  # tests/test_resume_exact.py makes the same check on three families in the default run
 def test_sigkill_at_random_steps_then_resume_is_bitwise_identical(tmp_path):
     reference = run_cli(*LONG, f"output_root={tmp_path / 'ref'}")
     assert reference.returncode == 0, reference.stderr

@@ -11,6 +11,7 @@ import time
 
 import torch
 
+from runner import run
 from conftest import ROOT, only_run_folder, run_cli
 
 FAST = ["experiment=regression", "device=cpu", "trainer.progress=none"]
@@ -62,22 +63,22 @@ def test_fine_tuning_starts_from_a_checkpoints_weights(tmp_path):
     ckpt = only_run_folder(tmp_path / "a") / "checkpoints" / "last.pt"
     trained = torch.load(ckpt, weights_only=True)["model"]
     # max_steps=1 with lr=0: the weights after one step are the ones loaded
-    tuned = run_cli(*FAST, "mode=train", f"ckpt_path={ckpt}", "optim.lr=1e-12", "trainer.max_steps=1",
-                    f"output_root={tmp_path / 'b'}")
-    assert tuned.returncode == 0, tuned.stderr[-2000:]
+    tuned = run([*FAST, "mode=train", f"ckpt_path={ckpt}", "optim.lr=1e-12", "trainer.max_steps=1",
+                 f"output_root={tmp_path / 'b'}"])
+    assert tuned["exit_code"] == 0, tuned["error"]
     run_dir = only_run_folder(tmp_path / "b")
     start = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert start["loop"]["step"] == 1
     for name, value in trained.items():
         torch.testing.assert_close(start["model"][name], value, rtol=0, atol=1e-9)
     assert f"initialised the weights from {ckpt}" in (run_dir / "run.log").read_text()
-    other = run_cli(*FAST, f"ckpt_path={ckpt}", "model.hidden=32", f"output_root={tmp_path / 'c'}")
-    assert other.returncode == 2 and "ckpt_strict=false" in other.stdout + other.stderr
-    loose = run_cli(*FAST, f"ckpt_path={ckpt}", "model.hidden=32", "ckpt_strict=false", "trainer.max_steps=1",
-                    f"output_root={tmp_path / 'd'}")
-    assert loose.returncode == 0, loose.stderr[-2000:]
-    absent = run_cli(*FAST, f"ckpt_path={tmp_path / 'absent.pt'}", f"output_root={tmp_path / 'e'}")
-    assert absent.returncode == 2 and "absent.pt: no such file" in absent.stdout + absent.stderr
+    other = run([*FAST, f"ckpt_path={ckpt}", "model.hidden=32", f"output_root={tmp_path / 'c'}"])
+    assert other["exit_code"] == 2 and "ckpt_strict=false" in other["error"]
+    loose = run([*FAST, f"ckpt_path={ckpt}", "model.hidden=32", "ckpt_strict=false", "trainer.max_steps=1",
+                 f"output_root={tmp_path / 'd'}"])
+    assert loose["exit_code"] == 0, loose["error"]
+    absent = run([*FAST, f"ckpt_path={tmp_path / 'absent.pt'}", f"output_root={tmp_path / 'e'}"])
+    assert absent["exit_code"] == 2 and "absent.pt: no such file" in absent["error"]
 
 
 def test_result_files_are_readable_by_the_group(tmp_path):
