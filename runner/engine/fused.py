@@ -233,7 +233,7 @@ def run_group(jobs: Sequence[tuple[Config, Path, dict[str, str], Any]]) -> list[
                 fit(trainers, step.take_steps, stop)
         except (Exception, KeyboardInterrupt) as e:  # the group's step itself failed: every job with it
             for life in lives:
-                if life.trainer is not None:
+                if life.trainer is not None and life.status == "running":
                     life.fail(e)
     codes = []
     for life in lives:
