@@ -115,3 +115,50 @@ def test_ddp_sigterm_checkpoints_once_and_logs(tmp_path):
     resumed = run_cli(f"resume={run_dir}", "trainer.max_epochs=301")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert summary(run_dir)["status"] == "completed"
+
+
+def _vote(rank: int, port: int, hear_at: int, out) -> None:
+    """A worker of the stop vote: rank 1 hears a signal after step ``hear_at``, rank 0 never does."""
+    import os
+    import signal
+
+    import torch.distributed as dist
+
+    from runner.engine.signals import SignalFlag
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    flag = SignalFlag(distributed=True)
+    for step in range(1, 1000):
+        if rank == 1 and step == hear_at:
+            flag.signum = signal.SIGTERM
+        signum = flag.agreed(now=step % 7 == 0)  # an epoch end every 7 steps
+        if signum is not None:
+            out[rank] = (step, signum)
+            break
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("hear_at", [3, 6, 7])
+def test_ranks_stop_after_the_same_step_when_one_hears_the_signal(hear_at):
+    """The launcher's signal reaches each worker at its own moment; all ranks must still stop after
+    the same step (a rank that went on would wait forever in its next all-reduce)."""
+    import signal
+    import time
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = mp.get_context("spawn").Manager().dict()
+    workers = mp.start_processes(_vote, args=(port, hear_at, out), nprocs=2, join=False, start_method="spawn")
+    deadline = time.time() + 60
+    finished = False
+    while not finished and time.time() < deadline:
+        finished = workers.join(timeout=5)  # True once every worker has exited
+    for process in workers.processes:
+        process.kill()
+    assert finished, f"a rank did not stop: {dict(out)}"
+    assert out[0] == out[1] and out[0][1] == signal.SIGTERM, dict(out)
+    assert out[0][0] == (hear_at if hear_at % 7 == 0 else hear_at + 1)  # the next step, at an epoch end the same

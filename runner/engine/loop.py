@@ -399,13 +399,15 @@ def fit(trainers: list[Trainer], take_steps: Callable[[list[Window | None], int]
                     if window is not None:
                         t.count(steps, units)
                         t.guarded(lambda: t.after_steps(steps))
-                if stop.signum is not None:  # the step is done: write each open job's checkpoint and stop
+                signum = stop.agreed()
+                if signum is not None:  # the step is done: write each open job's checkpoint and stop
                     for t in trainers:
                         if t.open:
                             t.save("last")
-                    raise Interrupted(stop.signum)
+                    raise Interrupted(signum)
             for t in trainers:
                 if t.open:
                     t.guarded(t.end_epoch)
-            if stop.signum is not None:
-                raise Interrupted(stop.signum)  # each open job has just written its checkpoint
+            signum = stop.agreed(now=True)
+            if signum is not None:
+                raise Interrupted(signum)  # each open job has just written its checkpoint

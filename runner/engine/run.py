@@ -344,7 +344,7 @@ def run(config: Config, run_dir: Path | None, choices: dict[str, str] | None = N
     try:
         trainer = life.start()
         if trainer is not None:
-            with SignalFlag() as stop:
+            with SignalFlag(distributed=trainer.ctx.distributed) as stop:
                 trainer.fit(stop)
         life.test()
     except (Exception, KeyboardInterrupt) as e:
