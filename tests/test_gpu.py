@@ -180,4 +180,7 @@ def test_fused_captured_iwae_jobs_equal_their_captured_runs_alone(tmp_path):
         assert torch.equal(fused["rng"]["cuda"][0], ref["rng"]["cuda"][0])  # the same draws, in the same number
         a = torch.cat([fused["model"][k].flatten() for k in ref["model"]])
         b = torch.cat([ref["model"][k].flatten() for k in ref["model"]])
-        assert float((a - b).norm() / b.norm()) <= 1e-5
+        # Batched and single cuBLAS kernels round differently and IWAE amplifies it step by step
+        # (on the CPU as much as a 1-ulp change of every weight of the run alone): 1.3e-5 measured
+        # on an H200 at 40 steps. A wrong stream or gradient division differs by far more.
+        assert float((a - b).norm() / b.norm()) <= 1e-4
