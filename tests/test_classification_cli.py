@@ -3,7 +3,6 @@ written by the test, grey data into a torchvision model, and fashion_resnet's se
 from __future__ import annotations
 
 import json
-import time
 
 import pandas as pd
 import pytest
@@ -19,9 +18,7 @@ def summary(run_dir):
 
 
 def test_classify_preset_end_to_end(tmp_path):
-    start = time.monotonic()
     done = run_cli("experiment=classify", *QUIET, f"output_root={tmp_path}", env={"OMP_NUM_THREADS": "2"})
-    wall = time.monotonic() - start
     assert done.returncode == 0, done.stderr[-3000:]
     run_dir = only_run_folder(tmp_path)
     s = summary(run_dir)
@@ -36,7 +33,6 @@ def test_classify_preset_end_to_end(tmp_path):
     matrix = pd.read_csv(run_dir / "confusion_matrix.csv", index_col=0)
     assert matrix.to_numpy().trace() / 2000 == pytest.approx(metrics["test/accuracy"])
     assert (run_dir / "plots" / "confusion_matrix.png").is_file() and (run_dir / "per_class_val.csv").is_file()
-    assert wall < 120, wall  # about 20 s alone on 2 cores; generous for a shared machine
 
 
 def test_an_image_folder_trains_and_beats_chance(tmp_path):
