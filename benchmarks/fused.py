@@ -9,8 +9,14 @@ model-steps/s (jobs x each job's steps/s) of:
 (d) 8 jobs fused with ``trainer.compile=true``;
 (e) 8 jobs in 8 processes at once through the joblib launcher (``hydra/launcher=parallel``).
 
+``--family charlm``: the same table for the char-LSTM 2x128 (Tiny Shakespeare, batch 50, 50
+characters, captured step): (a) one job on nn.LSTM (cuDNN), (b) one job on the hand-written
+recurrence (``model.impl=manual``, the one that fuses), (c) fused jobs, (e) joblib on nn.LSTM;
+no compile rows.
+
 Each job's rate is the median of its logged training rates after the first window (warm-up,
-capture). Usage: python benchmarks/fused.py [--mnist DIR] [--steps N] [--smoke] [--out FILE]
+capture). Usage: python benchmarks/fused.py [--family iwae|charlm] [--mnist DIR] [--text FILE]
+[--steps N] [--jobs 1,2,4] [--smoke] [--out FILE]
 """
 from __future__ import annotations
 
@@ -27,15 +33,16 @@ from pathlib import Path
 from common import ROOT
 
 
-def job_rates(sweep_or_run: Path, batch: int) -> list[float]:
-    """Steps/s of each job under a sweep folder (or of one run folder)."""
+def job_rates(sweep_or_run: Path, per_step: int, unit: str = "samples") -> list[float]:
+    """Steps/s of each job under a sweep folder (or of one run folder): its logged ``unit``/s
+    over the units of one step."""
     folders = sorted(p for p in sweep_or_run.iterdir() if (p / "metrics.jsonl").is_file()) \
         if not (sweep_or_run / "metrics.jsonl").is_file() else [sweep_or_run]
     rates = []
     for folder in folders:
         rows = [json.loads(l) for l in (folder / "metrics.jsonl").read_text().splitlines()]
-        train = [r["samples_per_s"] for r in rows if r["split"] == "train"][1:]
-        rates.append(statistics.median(train) / batch)
+        train = [r[f"{unit}_per_s"] for r in rows if r["split"] == "train"][1:]
+        rates.append(statistics.median(train) / per_step)
     return rates
 
 
@@ -54,44 +61,63 @@ def runner(args: list[str], multirun: bool) -> tuple[Path, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--family", choices=("iwae", "charlm"), default="iwae")
     parser.add_argument("--mnist", default=str(ROOT / ".gpu_data" / "mnist"))
+    parser.add_argument("--text", default=str(ROOT / ".gpu_data" / "tinyshakespeare" / "input.txt"))
     parser.add_argument("--steps", type=int, default=30000)
     parser.add_argument("--jobs", default="1,2,4,8,16")
     parser.add_argument("--smoke", action="store_true", help="a few steps on the CPU, to check the script")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    batch = 20
-    if args.smoke:
-        common = ["experiment=iwae_silhouettes", "device=cpu", "dataset.n_train=400", "dataset.n_val=0",
-                  "dataset.n_test=20", f"trainer.batch_size={batch}", "loss.eval_k=1", "trainer.max_steps=40",
-                  "trainer.log_every_n_steps=10", "trainer.progress=none", "trainer.max_epochs=5"]
-        fast, compiled = [], []
+    charlm = args.family == "charlm"
+    batch, unit = (50, "tokens") if charlm else (20, "samples")
+    per_step = batch * (50 if charlm else 1)  # a char-LSTM step is batch x 50 characters
+    log_every = max(1, min(1000, args.steps // 10))
+    device = "device=cpu" if args.smoke else "device=gpu"
+    if charlm:
+        data = ["experiment=char_lstm"] if args.smoke else ["experiment=char_lstm_shakespeare", f"dataset.path={args.text}"]
+        common = [*data, device, f"trainer.batch_size={batch}",
+                  f"trainer.max_steps={args.steps}", "trainer.max_epochs=1000", f"trainer.log_every_n_steps={log_every}",
+                  "trainer.progress=none", "trainer.val_every_n_steps=100000000"]
+        fast = [] if args.smoke else ["trainer.cuda_graph=true"]
+        single = [("(a) single nn.LSTM (cuDNN)", ["model.impl=torch"]), ("(b) single manual LSTM", ["model.impl=manual"])]
+        fused_with, joblib_with = ["model.impl=manual"], ["model.impl=torch"]
     else:
-        common = ["experiment=iwae_mnist", f"dataset.root={args.mnist}", "dataset.n_val=0", "device=gpu",
-                  f"trainer.batch_size={batch}", "loss.k=50", "loss.eval_k=1", "trainer.precision=tf32",
-                  f"trainer.max_steps={args.steps}", "trainer.max_epochs=1000", "trainer.log_every_n_steps=1000",
-                  "trainer.progress=none"]
-        fast = ["trainer.cuda_graph=true", "trainer.data_on_device=true", "trainer.steps_per_graph=10"]
-        compiled = ["trainer.compile=true"]
+        if args.smoke:
+            common = ["experiment=iwae_silhouettes", device, "dataset.n_train=400", "dataset.n_val=0",
+                      "dataset.n_test=20", f"trainer.batch_size={batch}", "loss.eval_k=1", f"trainer.max_steps={args.steps}",
+                      f"trainer.log_every_n_steps={log_every}", "trainer.progress=none", "trainer.max_epochs=5"]
+        else:
+            common = ["experiment=iwae_mnist", f"dataset.root={args.mnist}", "dataset.n_val=0", device,
+                      f"trainer.batch_size={batch}", "loss.k=50", "loss.eval_k=1", "trainer.precision=tf32",
+                      f"trainer.max_steps={args.steps}", "trainer.max_epochs=1000",
+                      f"trainer.log_every_n_steps={log_every}", "trainer.progress=none"]
+        fast = [] if args.smoke else ["trainer.cuda_graph=true", "trainer.data_on_device=true",
+                                      "trainer.steps_per_graph=10"]
+        compiled = [] if args.smoke else ["trainer.compile=true"]
+        single = [("(a) single, best path (+compile)", compiled), ("(b) single, no compile", [])]
+        fused_with, joblib_with = [], []
     results: dict[str, dict] = {}
 
     def record(name: str, folder: Path, wall: float, jobs: int) -> None:
-        rates = job_rates(folder, batch)
+        rates = job_rates(folder, per_step, unit)
         results[name] = {"jobs": jobs, "per_job_steps_s": rates, "aggregate_steps_s": sum(rates), "wall_s": wall}
         print(f"{name}: {jobs} job(s), aggregate {sum(rates):,.0f} model-steps/s, wall {wall:.0f} s", flush=True)
 
-    record("(a) single, best path (+compile)", *runner([*common, *fast, *compiled], False), 1)
-    record("(b) single, no compile", *runner([*common, *fast], False), 1)
+    for name, extra in single:
+        record(name, *runner([*common, *fast, *extra], False), 1)
     for k in (int(j) for j in args.jobs.split(",")):
         seeds = ",".join(str(s) for s in range(k))
-        record(f"(c) fused x{k}", *runner(["hydra/launcher=fused", *common, *fast, f"trainer.seed={seeds}"], True), k)
+        record(f"(c) fused x{k}", *runner(["hydra/launcher=fused", *common, *fast, *fused_with,
+                                           f"trainer.seed={seeds}"], True), k)
     if not args.smoke:
         seeds = ",".join(str(s) for s in range(8))
-        record("(d) fused x8 +compile", *runner(["hydra/launcher=fused", *common, *fast, *compiled,
-                                                   f"trainer.seed={seeds}"], True), 8)
+        if not charlm:
+            record("(d) fused x8 +compile", *runner(["hydra/launcher=fused", *common, *fast, *compiled,
+                                                       f"trainer.seed={seeds}"], True), 8)
         record("(e) joblib x8 processes", *runner(["hydra/launcher=parallel", "hydra.launcher.n_jobs=8", *common,
-                                                   *fast, f"trainer.seed={seeds}"], True), 8)
-    best_single = results["(a) single, best path (+compile)"]["aggregate_steps_s"]
+                                                   *fast, *joblib_with, f"trainer.seed={seeds}"], True), 8)
+    best_single = results[single[0][0]]["aggregate_steps_s"]
     joblib = results.get("(e) joblib x8 processes", {}).get("aggregate_steps_s")
     print(f"\n{'variant':<34} {'jobs':>4} {'model-steps/s':>14} {'vs (a)':>7} {'vs (e)':>7}")
     for name, r in results.items():

@@ -27,6 +27,8 @@ if part classify_eval; then python benchmarks/classification_eval.py --fashion .
 if part charlm; then python benchmarks/char_lstm.py --out "$OUT/char_lstm.json" > "$OUT/char_lstm.log" 2>&1; show "$OUT/char_lstm.log" 6; fi
 if part profile; then python benchmarks/profile_steps.py --out "$OUT/profile.json" > "$OUT/profile.log" 2>&1; grep "^IWAE\|^DenseNet" "$OUT/profile.log"; fi
 if part fused; then python benchmarks/fused.py --out "$OUT/fused.json" > "$OUT/fused.log" 2>&1; show "$OUT/fused.log" 12; fi
+if part fused_charlm; then python benchmarks/fused.py --family charlm --steps 4000 --out "$OUT/fused_charlm.json" \
+    > "$OUT/fused_charlm.log" 2>&1; show "$OUT/fused_charlm.log" 10; fi
 # The last GPU-measured tree (.baseline/, git archive <commit> --prefix=.baseline/) against this one.
 if part best; then for tree in .baseline .; do python benchmarks/best_paths.py "$tree" >> "$OUT/best.log" 2>&1; done
   grep "steps/s\|Error" "$OUT/best.log"; fi

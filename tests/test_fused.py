@@ -115,3 +115,29 @@ def test_sigterm_stops_a_fused_group_and_resume_continues_it_exactly(tmp_path):
         for name in theirs["model"]:
             assert torch.equal(ours["model"][name], theirs["model"][name]), name
         assert torch.equal(ours["rng"]["torch"], theirs["rng"]["torch"])
+
+
+def test_fused_char_lstm_jobs_carry_their_own_state_and_equal_their_runs_alone(tmp_path):
+    """Two char-LSTM jobs (the hand-written recurrence, batched over jobs by vmap) fused: each
+    carries its own hidden state from chunk to chunk, across two epochs, and ends as the job run
+    alone (bitwise on this CPU; 1e-6 allowed); nn.LSTM does not fuse and says why."""
+    from runner.data.text import embedded_corpus
+    from runner.families.charlm import fusion_blocker
+
+    corpus = tmp_path / "docs.txt"
+    corpus.write_text(embedded_corpus()[:4_000], encoding="utf-8")
+    charlm = ["experiment=char_lstm", "device=cpu", "trainer.progress=none", "trainer.max_epochs=2",
+              "trainer.batch_size=4", f"dataset.path={corpus}", "dataset.seq_len=20", "model.hidden_size=16",
+              "model.embedding_dim=8", "model.sample_length=5", "model.impl=manual"]
+    done, folder = sweep(tmp_path / "fused", *charlm, "trainer.seed=0,1")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "fused group of 2 jobs" in (folder / "0" / "run.log").read_text()
+    code, alone = run_in_process(tmp_path / "alone", *charlm, "trainer.seed=1")
+    assert code == 0
+    fused, ref = last(folder / "1"), last(alone)
+    assert fused["family"]["h"].shape == (2, 4, 16)  # the carried state: layers, streams, hidden
+    for key in ("h", "c"):
+        torch.testing.assert_close(fused["family"][key], ref["family"][key], rtol=1e-6, atol=1e-7)
+    assert_same_as_alone(fused, ref, 1e-6)
+    assert "impl=manual" in fusion_blocker({"impl": "torch"}, {})
+    assert "dropout" in fusion_blocker({"impl": "manual", "dropout": 0.5}, {})

@@ -19,8 +19,10 @@ The engine knows nothing about images, latent variables or text. A family gives 
   of the step (from ``generator``: None is the global RNG, a fused job has its own),
   ``forward(model, inputs)`` is the model call (no randomness; fused, it runs under
   ``torch.func.vmap``), ``loss_sum(outputs, inputs)`` the loss sum, ``units(inputs)`` the unit
-  count (from shapes: a Python int, no device read). The family's
-  module then says which of its jobs fuse: ``fusion_blocker(model, loss)`` (None, or why not).
+  count (from shapes: a Python int, no device read), and, for a recurrent model,
+  ``carried(outputs)`` / ``keep(carried)``: the state the next step starts from (fused, each job
+  keeps its own slice). The family's module then says which of its jobs fuse:
+  ``fusion_blocker(model, loss)`` (None, or why not).
 """
 from __future__ import annotations
 
@@ -107,7 +109,9 @@ class Family(ABC):
     def train_loss(self, batch: Any) -> tuple[Tensor, int | Tensor]:
         """(sum of per-unit losses over the batch, number of units in the batch)."""
         inputs = self.train_inputs(batch)
-        return self.loss_sum(self.forward(self.model, inputs), inputs), self.units(inputs)
+        outputs = self.forward(self.model, inputs)
+        self.keep(self.carried(outputs))
+        return self.loss_sum(outputs, inputs), self.units(inputs)
 
     def train_inputs(self, batch: Any) -> Any:
         raise NotImplementedError(f"{type(self).__name__} defines train_loss whole")
@@ -120,6 +124,13 @@ class Family(ABC):
 
     def units(self, inputs: Any) -> int:
         raise NotImplementedError
+
+    def carried(self, outputs: Any) -> tuple[Tensor, ...]:
+        """The tensors of ``outputs`` that the next step starts from (a recurrent state); none."""
+        return ()
+
+    def keep(self, carried: tuple[Tensor, ...]) -> None:
+        """Hold ``carried`` for the next step (in place, so that a captured step carries it too)."""
 
     @abstractmethod
     def evaluator(self, split: str) -> Evaluator:

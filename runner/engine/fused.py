@@ -84,9 +84,11 @@ class StackedParameters:
     def take_gradients(self, total: Tensor, scale: float) -> None:
         """d total / d stack, times ``scale`` (1 / units), into the stacked gradients (each job's
         ``.grad`` is its slice): the run alone's order, sum then backward then divide."""
-        grads = list(torch.autograd.grad(total, list(self.stacked.values())))
-        torch._foreach_mul_(grads, scale)
-        torch._foreach_copy_(self.grads, grads)
+        grads = torch.autograd.grad(total, list(self.stacked.values()))
+        # Scaled in the stack's own buffers: autograd may hand one tensor to two inputs (the LSTM's
+        # two biases share a gradient), and scaling the returned tensors in place would scale it twice.
+        torch._foreach_copy_(self.grads, list(grads))
+        torch._foreach_mul_(self.grads, scale)
 
 
 def stack_trees(trees: Sequence[Any]) -> Any:
@@ -115,8 +117,9 @@ class FusedStep:
         def outputs(params: dict[str, Tensor], inputs: Any) -> Any:
             return family.forward(lambda *args, **kwargs: functional_call(model, params, args, kwargs), inputs)
 
-        def loss(params: dict[str, Tensor], inputs: Any) -> Tensor:
-            return family.loss_sum(outputs(params, inputs), inputs)
+        def loss(params: dict[str, Tensor], inputs: Any) -> tuple[Tensor, Any]:
+            out = outputs(params, inputs)
+            return family.loss_sum(out, inputs), family.carried(out)
 
         # Every job's forward pass (and its loss, where all jobs have the same) as one batched call.
         self.forward = vmap(loss if self.same_loss else outputs)
@@ -165,10 +168,15 @@ class FusedStep:
             inputs = [(f or lead).train_inputs(b) for f, b in zip(families, batches)]
             batched = self.forward(self.stacks.stacked, stack_trees(inputs))
             if self.same_loss:
-                losses = batched.float()
+                losses, carried = batched
+                losses = losses.float()
             else:
                 losses = torch.stack([(f or lead).loss_sum(tree_map(lambda o, j=j: o[j], batched), inputs[j]).float()
                                       for j, f in enumerate(families)])
+                carried = lead.carried(batched)
+            for j, f in enumerate(families):  # each job's recurrent state, if any, for its next step
+                if f is not None:
+                    f.keep(tree_map(lambda c, j=j: c[j], carried))
         self.units = lead.units(inputs[0])  # the jobs' batches have one shape
         self.stacks.take_gradients(losses.sum(), 1.0 / self.units)
         for t in self.slots:

@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from runner.build import build as build_node
+from runner.build import build as build_node, plain
 from runner.data.text import IGNORE_INDEX
 from runner.engine.family import DataBundle, Evaluator, Family
 from runner.errors import UserError
@@ -95,18 +95,42 @@ class CharLMFamily(Family):
         device = getattr(self, "device", None) or payload["h"].device
         self._resumed = (payload["epoch"], (payload["h"].to(device), payload["c"].to(device)))
 
-    def train_loss(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, int]:
-        """(sum of token cross-entropies in nats, tokens). Training chunks hold no padding."""
+    # A training step in parts (Family.train_loss; fused jobs, runner/engine/fused.py): the state
+    # carried from the previous chunk in, the new state kept for the next.
+    def train_inputs(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(x, y, h, c): the chunk and the carried state (zeros at an epoch's start; None for a
+        model without an ``lstm`` of runner's shape: it starts from its own zeros). The model
+        reads a copy: backward needs the initial state unchanged after ``keep`` updates it."""
         x, y = batch
         carried = _carry(self.state, x.shape[0])
-        # The model reads a copy: backward needs the initial state unchanged after the update below.
-        logits, state = self.model(x, None if carried is None else tuple(s.clone() for s in carried))
         if carried is None:
-            self.state = tuple(s.detach().clone() for s in state)
+            lstm = getattr(self.raw_model, "lstm", None)
+            if not hasattr(lstm, "num_layers"):
+                return x, y, None, None
+            zeros = x.new_zeros((lstm.num_layers, x.shape[0], lstm.hidden_size), dtype=torch.float32)
+            return x, y, zeros, zeros.clone()
+        return x, y, carried[0].clone(), carried[1].clone()
+
+    def forward(self, model: nn.Module, inputs: tuple[Tensor, ...]) -> tuple[Tensor, State]:
+        x, _, h, c = inputs
+        return model(x, None if h is None else (h, c))
+
+    def loss_sum(self, outputs: tuple[Tensor, State], inputs: tuple[Tensor, ...]) -> Tensor:
+        """The sum of token cross-entropies in nats. Training chunks hold no padding."""
+        return self.loss(outputs[0], inputs[1])
+
+    def units(self, inputs: tuple[Tensor, ...]) -> int:
+        return inputs[1].numel()
+
+    def carried(self, outputs: tuple[Tensor, State]) -> State:
+        return outputs[1]
+
+    def keep(self, carried: State) -> None:
+        if self.state is None or self.state[0].shape != carried[0].shape:
+            self.state = tuple(s.detach().clone() for s in carried)
         else:  # copied into the same tensors, so that a captured step carries the state too
-            for buffer, new in zip(self.state, state):
+            for buffer, new in zip(self.state, carried):
                 buffer.copy_(new.detach())
-        return self.loss(logits, y), y.numel()
 
     def evaluator(self, split: str) -> CharLMEvaluator:
         return CharLMEvaluator(self.raw_model, self.loss)
@@ -132,6 +156,18 @@ class CharLMFamily(Family):
                   if bpc is not None else f"=== {split} | {when} | temperature {model.sample_temperature} ===\n")
         with open(Path(run_dir) / "samples.txt", "a", encoding="utf-8") as f:
             f.write(header + self.sample_text() + "\n\n")
+
+
+def fusion_blocker(model: Any, loss: Any) -> str | None:
+    """Char-LSTM jobs fuse (runner/engine/fused.py) with the hand-written recurrence, which
+    ``torch.func.vmap`` batches over jobs (nn.LSTM has no batching rule), and no dropout (its
+    draws would happen inside the batched model call)."""
+    node = plain(model)
+    if node.get("impl", "torch") != "manual":
+        return "the char-LSTM fuses with model.impl=manual (nn.LSTM cannot be batched over jobs)"
+    if float(node.get("dropout", 0.0)) > 0:
+        return "model.dropout > 0 does not fuse (its draws would be inside the batched model call)"
+    return None
 
 
 def build(bundle: DataBundle, model: Any, loss: Any, seed: int = 0) -> CharLMFamily:

@@ -28,43 +28,50 @@ from torch import Tensor, nn
 
 
 class LSTMLayerFunction(torch.autograd.Function):
-    """One LSTM layer over a whole batch-first sequence: returns (h_1..h_T, c_T)."""
+    """One LSTM layer over a whole batch-first sequence: returns (h_1..h_T, c_T), and the gate
+    activations and cell states that backward reads (outputs, not differentiable, so that
+    ``torch.func.vmap`` can batch the function over jobs: ``generate_vmap_rule``)."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor,
-                b_ih: Tensor, b_hh: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor,
+                b_ih: Tensor, b_hh: Tensor) -> tuple[Tensor, ...]:
         batch, steps, _ = x.shape
         hidden = w_hh.shape[1]
         # Input contributions of every timestep in one matmul; only h @ W_hh stays in the loop.
         x_gates = torch.addmm(b_ih + b_hh, x.reshape(batch * steps, -1), w_ih.t()).view(batch, steps, 4 * hidden)
-        gates = torch.empty_like(x_gates)  # activations i, f, g, o per step
-        cells = x.new_empty(batch, steps + 1, hidden)  # c_0 .. c_T
-        tanh_cells = x.new_empty(batch, steps, hidden)
-        hs = x.new_empty(batch, steps, hidden)
-        cells[:, 0] = c0
+        gates, cells, tanh_cells, hs = [], [c0], [], []  # per step: activations i, f, g, o; c_0..c_T
         h = h0
         for t in range(steps):
             pre = torch.addmm(x_gates[:, t], h, w_hh.t())
             i, f, g, o = pre.chunk(4, dim=1)
             i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
-            c = torch.addcmul(f * cells[:, t], i, g)
+            c = torch.addcmul(f * cells[t], i, g)
             tc = torch.tanh(c)
             h = o * tc
-            gates[:, t] = torch.cat((i, f, g, o), dim=1)
-            cells[:, t + 1] = c
-            tanh_cells[:, t] = tc
-            hs[:, t] = h
-        ctx.save_for_backward(x, h0, w_ih, w_hh, gates, cells, tanh_cells, hs)
-        return hs, cells[:, steps].clone()
+            gates.append(torch.cat((i, f, g, o), dim=1))
+            cells.append(c)
+            tanh_cells.append(tc)
+            hs.append(h)
+        return (torch.stack(hs, dim=1), cells[steps], torch.stack(gates, dim=1),
+                torch.stack(cells, dim=1), torch.stack(tanh_cells, dim=1))
 
     @staticmethod
-    def backward(ctx, d_hs: Tensor | None, d_c_last: Tensor | None):
+    def setup_context(ctx, inputs: tuple[Tensor, ...], output: tuple[Tensor, ...]) -> None:
+        x, h0, _, w_ih, w_hh, _, _ = inputs
+        hs, _, gates, cells, tanh_cells = output
+        ctx.mark_non_differentiable(gates, cells, tanh_cells)
+        ctx.save_for_backward(x, h0, w_ih, w_hh, gates, cells, tanh_cells, hs)
+
+    @staticmethod
+    def backward(ctx, d_hs: Tensor | None, d_c_last: Tensor | None, *_: Tensor):
         x, h0, w_ih, w_hh, gates, cells, tanh_cells, hs = ctx.saved_tensors
         batch, steps, _ = x.shape
         hidden = w_hh.shape[1]
         if d_hs is None:
             d_hs = torch.zeros_like(hs)
-        d_gates = torch.empty_like(gates)  # pre-activation gradients
+        d_gates = [None] * steps  # pre-activation gradients, per step
         dh_next = torch.zeros_like(h0)
         dc = d_c_last.clone() if d_c_last is not None else torch.zeros_like(h0)
         for t in reversed(range(steps)):
@@ -72,15 +79,15 @@ class LSTMLayerFunction(torch.autograd.Function):
             tc = tanh_cells[:, t]
             dh = d_hs[:, t] + dh_next
             dc = dc + dh * o * (1 - tc * tc)
-            d_gates[:, t] = torch.cat((
+            d_gates[t] = torch.cat((
                 dc * g * i * (1 - i),
                 dc * cells[:, t] * f * (1 - f),
                 dc * i * (1 - g * g),
                 dh * tc * o * (1 - o),
             ), dim=1)
-            dh_next = d_gates[:, t] @ w_hh
+            dh_next = d_gates[t] @ w_hh
             dc = dc * f
-        flat = d_gates.reshape(batch * steps, 4 * hidden)
+        flat = torch.stack(d_gates, dim=1).reshape(batch * steps, 4 * hidden)
         h_prev = torch.cat((h0.unsqueeze(1), hs[:, :-1]), dim=1).reshape(batch * steps, hidden)
         need = ctx.needs_input_grad
         dx = (flat @ w_ih).view_as(x) if need[0] else None
@@ -94,7 +101,8 @@ class LSTMLayerFunction(torch.autograd.Function):
 def lstm_layer(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor,
                b_hh: Tensor) -> tuple[Tensor, Tensor]:
     """(outputs [B, T, H], c_T [B, H]) of one layer; h_T is ``outputs[:, -1]``."""
-    return LSTMLayerFunction.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh)
+    hs, c_last, *_ = LSTMLayerFunction.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh)
+    return hs, c_last
 
 
 class ManualLSTM(nn.Module):
