@@ -87,9 +87,9 @@ def test_a_nan_job_fails_alone(tmp_path):
     assert_same_as_alone(last(folder / "0"), last(alone), 1e-5)  # its partner's NaN did not reach it
 
 
-def test_sigterm_stops_a_fused_group_and_resume_continues_it_exactly(tmp_path):
-    args = [*REGRESSION, "trainer.max_epochs=12", "trainer.log_every_n_steps=1", "trainer.deterministic=true",
-            "trainer.seed=0,1"]
+def interrupted_group_resumes_exactly(tmp_path, args):
+    """SIGTERM a fused sweep of two jobs after a few steps, resume it, and compare each job's last
+    checkpoint with the uninterrupted sweep's: bitwise (weights, loop, RNG, carried state)."""
     reference, ref_folder = sweep(tmp_path / "ref", *args)
     assert reference.returncode == 0, reference.stderr[-2000:]
     root = tmp_path / "stopped"
@@ -115,6 +115,27 @@ def test_sigterm_stops_a_fused_group_and_resume_continues_it_exactly(tmp_path):
         for name in theirs["model"]:
             assert torch.equal(ours["model"][name], theirs["model"][name]), name
         assert torch.equal(ours["rng"]["torch"], theirs["rng"]["torch"])
+        for key, value in theirs.get("family", {}).items():
+            assert torch.equal(ours["family"][key], value) if torch.is_tensor(value) else ours["family"][key] == value
+
+
+def test_sigterm_stops_a_fused_group_and_resume_continues_it_exactly(tmp_path):
+    interrupted_group_resumes_exactly(tmp_path, [*REGRESSION, "trainer.max_epochs=12", "trainer.log_every_n_steps=1",
+                                                 "trainer.deterministic=true", "trainer.seed=0,1"])
+
+
+@pytest.mark.slow
+def test_sigterm_inside_an_epoch_of_a_fused_char_lstm_group_then_resume_is_exact(tmp_path):
+    """The carried hidden state of each fused job survives a mid-epoch stop."""
+    from runner.data.text import embedded_corpus
+
+    corpus = tmp_path / "docs.txt"
+    corpus.write_text(embedded_corpus()[:8_000], encoding="utf-8")
+    interrupted_group_resumes_exactly(tmp_path, [
+        "experiment=char_lstm", "device=cpu", "trainer.progress=none", "trainer.max_epochs=3", "trainer.batch_size=4",
+        f"dataset.path={corpus}", "dataset.seq_len=20", "model.hidden_size=16", "model.embedding_dim=8",
+        "model.sample_length=5", "model.impl=manual", "trainer.log_every_n_steps=1", "trainer.deterministic=true",
+        "trainer.seed=0,1"])
 
 
 def test_fused_char_lstm_jobs_carry_their_own_state_and_equal_their_runs_alone(tmp_path):
