@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, only_run_folder, run_cli
+from conftest import ROOT, only_run_folder, run_cli, run_in_process
 
 BASE = ["experiment=regression", "trainer.progress=none", "optim=sgd", "optim.momentum=0.0", "optim.lr=0.05",
         "dataset.n_train=250", "trainer.max_epochs=2"]
@@ -43,8 +43,8 @@ def test_two_processes_equal_one_process_at_twice_the_batch(tmp_path):
 def test_parallel_evaluation_counts_every_sample_once(tmp_path):
     # 1001 divides by neither the world size (2) nor the batch size (64).
     common = [*BASE, "dataset.n_val=1001", "dataset.n_test=1001", "trainer.eval_batch_size=64"]
-    assert run_cli(*common, "device=cpu", "trainer.batch_size=16", f"output_root={tmp_path / 'one'}").returncode == 0
-    trained = only_run_folder(tmp_path / "one")
+    code, trained = run_in_process(tmp_path / "one", *common, "device=cpu", "trainer.batch_size=16")
+    assert code == 0
     ckpt = trained / "checkpoints" / "last.pt"
     for name, device in (("eval1", ["device=cpu"]), ("eval2", DDP2)):
         res = run_cli(*common, *device, "mode=eval", f"ckpt_path={ckpt}", f"output_root={tmp_path / name}")

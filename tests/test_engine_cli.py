@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import ROOT, only_run_folder, run_cli
+from conftest import ROOT, only_run_folder, run_cli, run_in_process
 
 FAST = ["experiment=regression", "device=cpu", "trainer.max_epochs=1"]
 SUMMARY_FIELDS = {"status", "metrics", "eval_samples", "steps", "samples_seen", "wall_time_s", "throughput",
@@ -44,8 +44,8 @@ def test_end_to_end_run_folder(tmp_path):
 
 
 def test_eval_only_from_checkpoint(tmp_path):
-    assert run_cli(*FAST, f"output_root={tmp_path / 'train'}").returncode == 0
-    trained = only_run_folder(tmp_path / "train")
+    code, trained = run_in_process(tmp_path / "train", *FAST)  # the training run in this process: faster
+    assert code == 0
     result = run_cli(*FAST, "mode=eval", f"ckpt_path={trained / 'checkpoints/best.pt'}",
                      f"output_root={tmp_path / 'eval'}")
     assert result.returncode == 0, result.stderr
@@ -80,8 +80,9 @@ def test_bad_config_exit_code_and_message(tmp_path, override, needle, code):
 
 
 def test_checkpoint_of_another_model_is_refused(tmp_path):
-    assert run_cli(*FAST, f"output_root={tmp_path / 'a'}").returncode == 0
-    ckpt = only_run_folder(tmp_path / "a") / "checkpoints" / "last.pt"
+    code, trained = run_in_process(tmp_path / "a", *FAST)
+    assert code == 0
+    ckpt = trained / "checkpoints" / "last.pt"
     result = run_cli(*FAST, "model.hidden=32", "mode=eval", f"ckpt_path={ckpt}", f"output_root={tmp_path / 'b'}")
     assert result.returncode == 2 and "belongs to another model or config" in result.stderr + result.stdout
     truncated = tmp_path / "truncated.pt"
