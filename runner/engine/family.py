@@ -14,7 +14,7 @@ The engine knows nothing about images, latent variables or text. A family gives 
   processes equal the single-process metrics.
 * optional hooks: ``on_train_epoch_start`` (reset carried state), ``after_evaluation`` (write
   family extras such as ``per_class.csv`` or ``samples.txt``).
-* optionally, ``train_loss`` in three parts, which lets jobs of the same shapes train fused as
+* optionally, ``train_loss`` in parts (subclass ``StepInParts``), which lets jobs of the same shapes train fused as
   one batched model (runner/engine/fused.py): ``train_inputs(batch)`` makes every random draw
   of the step (from ``generator``: None is the global RNG, a fused job has its own),
   ``forward(model, inputs)`` is the model call (no randomness; fused, it runs under
@@ -106,31 +106,9 @@ class Family(ABC):
         self.device = device
         return self
 
+    @abstractmethod
     def train_loss(self, batch: Any) -> tuple[Tensor, int | Tensor]:
         """(sum of per-unit losses over the batch, number of units in the batch)."""
-        inputs = self.train_inputs(batch)
-        outputs = self.forward(self.model, inputs)
-        self.keep(self.carried(outputs))
-        return self.loss_sum(outputs, inputs), self.units(inputs)
-
-    def train_inputs(self, batch: Any) -> Any:
-        raise NotImplementedError(f"{type(self).__name__} defines train_loss whole")
-
-    def forward(self, model: nn.Module, inputs: Any) -> Any:
-        raise NotImplementedError
-
-    def loss_sum(self, outputs: Any, inputs: Any) -> Tensor:
-        raise NotImplementedError
-
-    def units(self, inputs: Any) -> int:
-        raise NotImplementedError
-
-    def carried(self, outputs: Any) -> tuple[Tensor, ...]:
-        """The tensors of ``outputs`` that the next step starts from (a recurrent state); none."""
-        return ()
-
-    def keep(self, carried: tuple[Tensor, ...]) -> None:
-        """Hold ``carried`` for the next step (in place, so that a captured step carries it too)."""
 
     @abstractmethod
     def evaluator(self, split: str) -> Evaluator:
@@ -145,3 +123,37 @@ class Family(ABC):
 
 FamilyBuilder = Callable[..., Family]
 BatchIterable = Iterable[Any]
+
+
+class StepInParts(Family):
+    """A family whose training step comes in parts (see the module docstring): the engine's
+    ``train_loss`` is built from them, and fused jobs (runner/engine/fused.py) call them apart."""
+
+    def train_loss(self, batch: Any) -> tuple[Tensor, int | Tensor]:
+        inputs = self.train_inputs(batch)
+        outputs = self.forward(self.model, inputs)
+        self.keep(self.carried(outputs))
+        return self.loss_sum(outputs, inputs), self.units(inputs)
+
+    @abstractmethod
+    def train_inputs(self, batch: Any) -> Any:
+        """Every random draw of the step, from ``generator``, with the batch."""
+
+    @abstractmethod
+    def forward(self, model: nn.Module, inputs: Any) -> Any:
+        """The model call: no randomness (fused, it runs under ``torch.func.vmap``)."""
+
+    @abstractmethod
+    def loss_sum(self, outputs: Any, inputs: Any) -> Tensor:
+        """The sum of per-unit losses."""
+
+    @abstractmethod
+    def units(self, inputs: Any) -> int:
+        """The unit count, from shapes: a Python int, no device read."""
+
+    def carried(self, outputs: Any) -> tuple[Tensor, ...]:
+        """The tensors of ``outputs`` that the next step starts from (a recurrent state); none."""
+        return ()
+
+    def keep(self, carried: tuple[Tensor, ...]) -> None:
+        """Hold ``carried`` for the next step (in place, so that a captured step carries it too)."""

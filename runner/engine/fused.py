@@ -7,9 +7,9 @@ steps together instead (``hydra/launcher=fused`` groups them; hydra_plugins/runn
 
 * each parameter of the group is one stacked tensor, [jobs, ...]; every job's model holds views
   into it, so its optimizer, schedule, checkpoints and evaluation are exactly a run alone's;
-* a step draws each job's randomness from the job's own generator (``Family.train_inputs``),
+* a step draws each job's randomness from the job's own generator (``StepInParts.train_inputs``),
   runs all forward passes as one call (``torch.func.vmap`` over ``functional_call``: each
-  Linear becomes one batched matrix product), adds each job's loss (``Family.loss_sum``), takes
+  Linear becomes one batched matrix product), adds each job's loss (``StepInParts.loss_sum``), takes
   every job's gradients at once into the stacked gradient whose slices are the jobs' ``.grad``,
   and lets each job's optimizer step (``OptimizerStep.update``: divide, clip, step);
 * the engine's one loop (runner/engine/loop.py ``fit``) moves the group in lockstep; each job
@@ -33,7 +33,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from runner.config import Config, Mode, Strategy
 from runner.engine import checkpoint as ckpt
 from runner.engine import compat, devices
-from runner.engine.family import Family
+from runner.engine.family import StepInParts
 from runner.engine.graphs import GraphedStep, step_slice
 from runner.engine.loop import Trainer, Window, fit
 from runner.engine.precision import autocast
@@ -201,7 +201,7 @@ def own_generator(device: torch.device) -> torch.Generator:
 def run_group(jobs: Sequence[tuple[Config, Path, dict[str, str], Any]]) -> list[int]:
     """Train jobs (config, run folder, choices, JobInfo) that fuse as one group; their exit codes."""
     lives = [RunLife(config, run_dir, choices, job=info) for config, run_dir, choices, info in jobs]
-    families: list[Family | None] = []
+    families: list[StepInParts | None] = []
     bundle = None
     for life in lives:  # each job built as it would be alone: seeded, then its model drawn
         try:

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from runner.build import build as build_node, plain
 from runner.data.text import IGNORE_INDEX
-from runner.engine.family import DataBundle, Evaluator, Family
+from runner.engine.family import DataBundle, Evaluator, StepInParts
 from runner.errors import UserError
 from runner.engine.compat import Accepts
 from runner.losses.charlm import TokenCrossEntropy
@@ -61,7 +61,7 @@ class CharLMEvaluator(Evaluator):
         return {"loss": nats, "bpc": nats / math.log(2)}
 
 
-class CharLMFamily(Family):
+class CharLMFamily(StepInParts):
     unit = "tokens"
 
     def __init__(self, model: nn.Module, loss: nn.Module, vocab: list[str], seed: int = 0) -> None:

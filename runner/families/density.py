@@ -18,7 +18,7 @@ from typing import Any
 from torch import Tensor
 
 from runner.build import build as build_node, plain
-from runner.engine.family import DataBundle, Family
+from runner.engine.family import DataBundle, StepInParts
 from runner.errors import UserError
 from runner.engine.compat import Accepts
 from runner.losses.iwae import ImportanceBound
@@ -32,7 +32,7 @@ PLOT_SEED = 0
 GRID = 8  # the plot shows GRID x GRID samples and GRID x GRID test images beside their reconstructions
 
 
-class DensityFamily(Family):
+class DensityFamily(StepInParts):
     def __init__(self, model: VAE, loss: ImportanceBound, bundle: DataBundle):
         self.model, self.loss, self.bundle = model, loss, bundle
         self.dim = int(bundle.info["dim"])

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
 from runner.build import build as build_node, plain
-from runner.engine.family import DataBundle, Evaluator, Family
+from runner.engine.family import DataBundle, Evaluator, StepInParts
 from runner.engine.compat import Accepts
 from runner.losses.regression import SquaredError
 
@@ -55,7 +55,7 @@ class MSEEvaluator(Evaluator):
         return {"loss": float(sums["squared_error"]) / n, "n": float(n)}
 
 
-class RegressionFamily(Family):
+class RegressionFamily(StepInParts):
     def __init__(self, model: nn.Module, loss: nn.Module | None = None):
         self.model, self.loss = model, loss or SquaredError()
 
