@@ -7,7 +7,9 @@ model-steps/s (jobs x each job's steps/s) of:
 (b) the same without compile (the fused step is not compiled unless asked);
 (c) 1, 2, 4, 8, 16 jobs fused by ``hydra/launcher=fused`` (different seeds);
 (d) 8 jobs fused with ``trainer.compile=true``;
-(e) 8 jobs in 8 processes at once through the joblib launcher (``hydra/launcher=parallel``).
+(e) 8 jobs in 8 processes at once through the joblib launcher (``hydra/launcher=parallel``);
+(f) (a) and (d) with ``trainer.compile_optimizer=true`` (fused Adam's kernel keeps few SMs busy
+    on this model: benchmarks/profile_fused.py).
 
 ``--family charlm``: the same table for the char-LSTM 2x128 (Tiny Shakespeare, batch 50, 50
 characters, captured step): (a) one job on nn.LSTM (cuDNN), (b) one job on the hand-written
@@ -117,6 +119,11 @@ def main() -> None:
                                                        f"trainer.seed={seeds}"], True), 8)
         record("(e) joblib x8 processes", *runner(["hydra/launcher=parallel", "hydra.launcher.n_jobs=8", *common,
                                                    *fast, *joblib_with, f"trainer.seed={seeds}"], True), 8)
+        if not charlm:
+            both = [*compiled, "trainer.compile_optimizer=true"]
+            record("(f) single +compiled optimizer", *runner([*common, *fast, *both], False), 1)
+            record("(f) fused x8 +compiled optimizer", *runner(["hydra/launcher=fused", *common, *fast, *both,
+                                                                f"trainer.seed={seeds}"], True), 8)
     best_single = results[single[0][0]]["aggregate_steps_s"]
     joblib = results.get("(e) joblib x8 processes", {}).get("aggregate_steps_s")
     print(f"\n{'variant':<34} {'jobs':>4} {'model-steps/s':>14} {'vs (a)':>7} {'vs (e)':>7}")

@@ -3,7 +3,7 @@
 # side-by-side benchmarks, the JPEG pipeline (and with augmentation, jpeg_aug), fashion_resnet and
 # the classification evaluation (classify_eval), the step profiles and the TF32 accuracy check.
 # Each part's full output goes to $OUT/<part>.log as it runs (kept if the call is cut short);
-# its result lines and table are printed.
+# its result lines and table are printed. profile_fused: where a fused group's step time goes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench-out}; mkdir -p "$OUT"
@@ -27,6 +27,9 @@ if part classify_eval; then python benchmarks/classification_eval.py --fashion .
 if part charlm; then python benchmarks/char_lstm.py --out "$OUT/char_lstm.json" > "$OUT/char_lstm.log" 2>&1; show "$OUT/char_lstm.log" 6; fi
 if part profile; then python benchmarks/profile_steps.py --out "$OUT/profile.json" > "$OUT/profile.log" 2>&1; grep "^IWAE\|^DenseNet" "$OUT/profile.log"; fi
 if part fused; then python benchmarks/fused.py --out "$OUT/fused.json" > "$OUT/fused.log" 2>&1; show "$OUT/fused.log" 12; fi
+if part profile_fused; then for opt in "" --compile-optimizer; do
+    python benchmarks/profile_fused.py --jobs 1,8 $opt --out "$OUT/profile_fused$opt.json" > "$OUT/profile_fused$opt.log" 2>&1
+    grep -A4 "^jobs" "$OUT/profile_fused$opt.log"; done; fi
 if part fused_charlm; then python benchmarks/fused.py --family charlm --steps 4000 --out "$OUT/fused_charlm.json" \
     > "$OUT/fused_charlm.log" 2>&1; show "$OUT/fused_charlm.log" 10; fi
 # The last GPU-measured tree (.baseline/, git archive <commit> --prefix=.baseline/) against this one.

@@ -73,6 +73,9 @@ class TrainerConfig:
     num_workers: int = 0
     skip_nonfinite: bool = False
     compile: bool = False  # torch.compile the model
+    # torch.compile the optimizer step as well: on a small model fused Adam's one kernel keeps only
+    # a few of the GPU's SMs busy (benchmarks/profile_fused.py); generated kernels spread it out.
+    compile_optimizer: bool = False
     cuda_graph: bool = False  # capture the whole optimizer step in one CUDA graph (small models)
     steps_per_graph: int = 1  # with cuda_graph and data_on_device: optimizer steps per graph launch
     data_on_device: bool = False  # keep a tensor-backed training set on the device, batch it there

@@ -34,12 +34,13 @@ def parameter_groups(model: nn.Module, weight_decay: float, decay_bias_and_norm:
             {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
 
 
-def capture_arguments(target: Any) -> dict[str, bool]:
-    """The constructor arguments that make ``target``'s step capturable in a CUDA graph."""
+def capture_arguments(target: Any, compiled: bool = False) -> dict[str, bool]:
+    """The constructor arguments that make ``target``'s step capturable in a CUDA graph (its
+    fused kernel where it has one, unless the step is compiled: compile traces the foreach code)."""
     accepted = inspect.signature(target).parameters
     name = getattr(target, "__name__", str(target))
     if "capturable" in accepted:
-        return {"capturable": True, **({"fused": True} if name in ("Adam", "AdamW") else {})}
+        return {"capturable": True, **({"fused": True} if name in ("Adam", "AdamW") and not compiled else {})}
     if "fused" in accepted:
         return {"fused": True}
     raise UserError(f"optim {name} cannot be captured in a CUDA graph (it has no capturable or fused mode): "
@@ -47,7 +48,7 @@ def capture_arguments(target: Any) -> dict[str, bool]:
 
 
 def build_optimizer(node: Any, model: nn.Module, device: torch.device | None = None,
-                    capturable: bool = False) -> torch.optim.Optimizer:
+                    capturable: bool = False, compiled: bool = False) -> torch.optim.Optimizer:
     """The optimizer of ``model``'s trainable parameters, from an ``optim`` config node."""
     target, kwargs = checked_kwargs(node, "optim", extra={"params": None}, own_keys=OWN_KEYS)
     kwargs.pop("params")
@@ -60,7 +61,7 @@ def build_optimizer(node: Any, model: nn.Module, device: torch.device | None = N
                               bool(own.get("decay_bias_and_norm", True)))
     if capturable:
         # A tensor lr on the device: the schedule fills it in place and the graph reads it.
-        kwargs = {**kwargs, **capture_arguments(target), "lr": torch.tensor(float(lr), device=device)}
+        kwargs = {**kwargs, **capture_arguments(target, compiled), "lr": torch.tensor(float(lr), device=device)}
     try:
         return target(groups, **kwargs)
     except (TypeError, ValueError, RuntimeError) as e:

@@ -12,14 +12,18 @@ from omegaconf import DictConfig, OmegaConf
 from runner.files import atomic_write_text, folder_in_use
 
 
+def job_overrides(job_dir: Path) -> dict[str, str]:
+    """The command-line overrides one job ran with (``key=value``, ``+``/``~`` dropped)."""
+    overrides_file = job_dir / ".hydra" / "overrides.yaml"
+    if not overrides_file.is_file():
+        return {}
+    pairs = (str(item).partition("=") for item in OmegaConf.load(overrides_file))
+    return {key.lstrip("+~"): value for key, _, value in pairs}
+
+
 def job_row(job_dir: Path) -> dict[str, Any]:
     """Overrides + status + flat final metrics of one job folder."""
-    row: dict[str, Any] = {"job": job_dir.name}
-    overrides_file = job_dir / ".hydra" / "overrides.yaml"
-    if overrides_file.is_file():
-        for item in OmegaConf.load(overrides_file):
-            key, _, value = str(item).partition("=")
-            row[key.lstrip("+~")] = value
+    row: dict[str, Any] = {"job": job_dir.name, **job_overrides(job_dir)}
     summary_file = job_dir / "summary.json"
     if summary_file.is_file():
         summary = json.loads(summary_file.read_text())

@@ -162,3 +162,20 @@ def test_fused_char_lstm_jobs_carry_their_own_state_and_equal_their_runs_alone(t
     assert_same_as_alone(fused, ref, 1e-6)
     assert "impl=manual" in fusion_blocker({"impl": "torch"}, {})
     assert "dropout" in fusion_blocker({"impl": "manual", "dropout": 0.5}, {})
+
+
+@pytest.mark.slow
+def test_a_compiled_optimizer_steps_like_the_eager_one_alone_and_fused(tmp_path):
+    """trainer.compile_optimizer=true: the run alone takes the eager optimizer's steps (to float
+    rounding), and a fused group, stepping its jobs' optimizers in one compiled call, equals its
+    jobs run alone with the same setting."""
+    compiled = [*IWAE, "loss=iwae", "trainer.compile_optimizer=true"]
+    code, eager = run_in_process(tmp_path / "eager", *IWAE, "loss=iwae", "trainer.seed=1")
+    assert code == 0
+    code, alone = run_in_process(tmp_path / "alone", *compiled, "trainer.seed=1")
+    assert code == 0
+    assert_same_as_alone(last(alone), last(eager), 1e-5)
+    done, folder = sweep(tmp_path, *compiled, "trainer.seed=0,1")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "fused group of 2 jobs" in (folder / "0" / "run.log").read_text()
+    assert_same_as_alone(last(folder / "1"), last(alone), 1e-5)

@@ -106,7 +106,7 @@ class FusedStep:
     optimizer step."""
 
     def __init__(self, slots: Sequence[Trainer | None], stacks: StackedParameters, *, precision: str,
-                 captured: bool, steps_per_launch: int, compiled: bool):
+                 captured: bool, steps_per_launch: int, compiled: bool, compiled_optimizer: bool = False):
         self.slots, self.stacks, self.precision = list(slots), stacks, precision
         live = [t for t in self.slots if t is not None]
         self.device = live[0].ctx.device
@@ -125,6 +125,10 @@ class FusedStep:
         self.forward = vmap(loss if self.same_loss else outputs)
         if compiled:
             self.forward = torch.compile(self.forward)
+        # trainer.compile_optimizer: every job's optimizer step in one compiled call (compiled
+        # one by one, each optimizer would be a recompilation of its own).
+        optimizers = [t.optimizer for t in live]
+        self.step_optimizers = torch.compile(lambda: [o.step() for o in optimizers]) if compiled_optimizer else None
         # Each job's running loss is a slice of one tensor: one addition a step for the group.
         self.running = torch.zeros(len(self.slots), device=self.device, dtype=torch.float64)
         for j, t in enumerate(self.slots):
@@ -180,8 +184,10 @@ class FusedStep:
         self.units = lead.units(inputs[0])  # the jobs' batches have one shape
         self.stacks.take_gradients(losses.sum(), 1.0 / self.units)
         for t in self.slots:
-            if t is not None:
-                t.stepper.update(None)  # clip and step: the gradients are divided already
+            if t is not None:  # clip and step: the gradients are divided already
+                t.stepper.update(None, skip=self.step_optimizers is not None)
+        if self.step_optimizers is not None:
+            self.step_optimizers()
         self.running.add_(losses.detach())  # a NaN or Inf stays in a job's slice until it is checked
 
     def steps(self, stacks: list[Any]) -> None:
@@ -234,7 +240,8 @@ def run_group(jobs: Sequence[tuple[Config, Path, dict[str, str], Any]]) -> list[
             t.closed_weights = str(t.run_dir / "checkpoints" / "last.pt") if t.run_dir is not None else None
         settings = lead.t
         step = FusedStep(slots, stacks, precision=settings.precision, captured=settings.cuda_graph,
-                         steps_per_launch=settings.steps_per_graph, compiled=settings.compile)
+                         steps_per_launch=settings.steps_per_graph, compiled=settings.compile,
+                         compiled_optimizer=settings.compile_optimizer)
         log.info("fused group of %d jobs: %s", len(trainers), ", ".join(str(t.run_dir) for t in trainers))
         try:
             with SignalFlag() as stop:

@@ -90,7 +90,8 @@ class Trainer:
         reason = capture_unsupported(ctx, t.accumulate_grad_batches, t.skip_nonfinite, t.precision) if captured else None
         if reason:
             raise UserError(reason)
-        self.optimizer = build_optimizer(optim, family.raw_model, ctx.device, capturable=captured)
+        self.optimizer = build_optimizer(optim, family.raw_model, ctx.device, capturable=captured,
+                                         compiled=t.compile_optimizer)
         self.device_batches = loaders.resident(bundle.train, ctx.device) if t.data_on_device else None
         # Resident batches are cut on the device already: nothing to move on the per-step path.
         self.move_batch = ((lambda batch: batch) if self.device_batches is not None
@@ -105,7 +106,7 @@ class Trainer:
             self.total_steps = min(self.total_steps, t.max_steps)
         self.schedule = Schedule(self.optimizer, schedule, self.steps_per_epoch, self.total_steps, captured)
         self.stepper = OptimizerStep(family, self.optimizer, ctx, t.precision, t.gradient_clip_val,
-                                     t.skip_nonfinite, captured, t.steps_per_graph)
+                                     t.skip_nonfinite, captured, t.steps_per_graph, t.compile_optimizer)
         self.state = LoopState()
         self.monitor_sign = 1.0 if t.monitor_mode == MonitorMode.min else -1.0
         self.final_metrics: dict[str, float] = {}

@@ -51,12 +51,15 @@ def capture_unsupported(ctx: DeviceContext, accumulate: int, skip_nonfinite: boo
 
 class OptimizerStep:
     def __init__(self, family: Family, optimizer: torch.optim.Optimizer, ctx: DeviceContext, precision: str,
-                 clip: float, skip_nonfinite: bool, captured: bool, steps_per_launch: int):
+                 clip: float, skip_nonfinite: bool, captured: bool, steps_per_launch: int,
+                 compiled_optimizer: bool = False):
         self.family, self.optimizer, self.ctx = family, optimizer, ctx
         self.model = family.model  # possibly wrapped (DDP, compile); family.raw_model is the bare one
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         self.precision, self.clip, self.skip_nonfinite = precision, clip, skip_nonfinite
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=precision == "16")
+        # trainer.compile_optimizer: the step as generated kernels (the scaler's step stays eager).
+        self.optimizer_step = torch.compile(optimizer.step) if compiled_optimizer else optimizer.step
         # Device-side sums since the last log point (the captured step adds into them too).
         self.running_loss = torch.zeros((), device=ctx.device, dtype=torch.float64)
         self.running_units = 0
@@ -74,14 +77,18 @@ class OptimizerStep:
 
     def update(self, scale: Tensor | float | None, skip: bool = False) -> None:
         """Divide the summed gradients by the step's units (``scale`` = 1 / units; None: divided
-        already), clip, step."""
+        already), clip, step (``skip``: not; a non-finite step skipped, or a fused group that
+        steps its jobs' optimizers together)."""
         self.scaler.unscale_(self.optimizer)
         if scale is not None:
             torch._foreach_mul_([p.grad for p in self.params if p.grad is not None], scale)  # one fused launch
         if self.clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.clip)
         if not skip:
-            self.scaler.step(self.optimizer)
+            if self.scaler.is_enabled():
+                self.scaler.step(self.optimizer)
+            else:
+                self.optimizer_step()
         self.scaler.update()  # a no-op unless precision=16
         if self.zero_grad:
             self.optimizer.zero_grad(set_to_none=not self.keep_grad_memory)

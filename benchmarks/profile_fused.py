@@ -1,0 +1,137 @@
+"""Where a fused group's step time goes on the GPU (issue: fused sweeps; 8 IWAE jobs fused reach
+2.1x the best single job, the target is 4x). For IWAE k=50, batch 20, TF32, captured, 10 steps per
+launch, J jobs fused (J=1 is a group of one), it runs the real ``hydra/launcher=fused`` sweep
+in a child process with the engine's ``take_steps`` wrapped (a group of one runs alone), and reports per group step:
+
+* wall time in steady state (launches 100-300) and the host time inside ``take_steps`` (the
+  input copies and the graph replay launch) against outside it (each job's bookkeeping in
+  loop.py: counting, schedules, logging checks, fetching the next window's batches);
+* from the profiler over 20 launches: the kernels and their summed time, so that
+  ``1 - kernel time / wall`` is the GPU's idle share, and the kernels that cost most.
+
+If the GPU is mostly busy, the batched kernels are the cost; if it idles, the host is.
+Usage: python benchmarks/profile_fused.py [--jobs 1,8] [--mnist DIR] [--out FILE] [--compile-optimizer] [--smoke]
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import runpy
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMED = (100, 300)  # launches timed without the profiler
+PROFILED = (300, 320)  # launches under the profiler
+
+
+def child(jobs: int, compiled: bool, mnist: str, out: str, smoke: bool, optimizer_compiled: bool) -> None:
+    """One sweep, in this process, with ``fit``'s step function wrapped."""
+    global TIMED, PROFILED
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    import runner.engine.fused as fused
+    import runner.engine.loop as loop
+
+    real_fit, found = fused.fit, {}
+    sync = (lambda: None) if smoke else torch.cuda.synchronize
+    if smoke:
+        TIMED, PROFILED = (2, 6), (6, 8)
+
+    def fit(trainers, take_steps, stop):
+        calls, inside = [0], [0.0]
+        prof = profile(activities=[ProfilerActivity.CPU if smoke else ProfilerActivity.CUDA])
+        marks: dict[str, float] = {}
+
+        def timed(windows, step):
+            n = calls[0]
+            calls[0] += 1
+            if n in (TIMED[0], TIMED[1], PROFILED[1]):
+                sync()
+                marks[str(n)] = time.perf_counter()
+            if n == PROFILED[0]:
+                prof.start()
+            started = time.perf_counter()
+            result = take_steps(windows, step)
+            if TIMED[0] <= n < TIMED[1]:
+                inside[0] += time.perf_counter() - started
+            if n == PROFILED[1]:
+                prof.stop()
+            return result
+
+        real_fit(trainers, timed, stop)
+        group_steps = 10 * (TIMED[1] - TIMED[0])
+        wall = marks[str(TIMED[1])] - marks[str(TIMED[0])]
+        kernels: dict[str, float] = collections.defaultdict(float)
+        count = 0
+        for event in prof.events():
+            if smoke or event.device_type == torch.autograd.DeviceType.CUDA:
+                kernels[event.name] += event.cpu_time if smoke else event.device_time
+                count += 1
+        profiled_steps = 10 * (PROFILED[1] - PROFILED[0])
+        kernel_us = sum(kernels.values()) / profiled_steps
+        found.update(jobs=jobs, compiled=compiled, optimizer_compiled=optimizer_compiled, wall_us_per_group_step=1e6 * wall / group_steps,
+                     host_in_take_steps_us=1e6 * inside[0] / group_steps,
+                     model_steps_per_s=jobs * group_steps / wall, kernels_per_group_step=count / profiled_steps,
+                     kernel_us_per_group_step=kernel_us,
+                     top=[(name[:80], round(t / profiled_steps, 1))
+                          for name, t in sorted(kernels.items(), key=lambda kv: -kv[1])[:10]])
+
+    fused.fit = loop.fit = fit  # a group of one runs alone, through loop.py's fit
+    root = tempfile.mkdtemp(prefix="profile-fused-")
+    seeds = ",".join(str(s) for s in range(jobs))
+    data = ["experiment=iwae_silhouettes", "dataset.n_train=400", "dataset.n_test=20", "device=cpu",
+            "trainer.max_steps=10"] if smoke else \
+        ["experiment=iwae_mnist", f"dataset.root={mnist}", "device=gpu", "trainer.precision=tf32",
+         "trainer.max_steps=3500", "trainer.cuda_graph=true", "trainer.data_on_device=true",
+         "trainer.steps_per_graph=10", f"trainer.compile={str(compiled).lower()}"]
+    sys.argv = ["runner", "-m", "hydra/launcher=fused", *data, "dataset.n_val=0", "trainer.batch_size=20", "loss.k=50",
+                "loss.eval_k=1", "trainer.max_epochs=1000", "trainer.log_every_n_steps=1000", "trainer.progress=none",
+                f"trainer.seed={seeds}", f"output_root={root}", f"trainer.compile_optimizer={str(optimizer_compiled).lower()}"]
+    try:
+        runpy.run_module("runner", run_name="__main__")
+    except SystemExit:
+        pass
+    Path(out).write_text(json.dumps(found))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--jobs", default="1,8")
+    parser.add_argument("--mnist", default=str(ROOT / ".gpu_data" / "mnist"))
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--smoke", action="store_true", help="a few steps on the CPU, to check the script")
+    parser.add_argument("--compile-optimizer", action="store_true", help="with trainer.compile_optimizer=true")
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        jobs, compiled, out = args.child
+        return child(int(jobs), compiled == "1", args.mnist, out, args.smoke, args.compile_optimizer)
+    results = []
+    for jobs in (int(j) for j in args.jobs.split(",")):
+        for compiled in (True, False) if jobs > 1 and not args.compile_optimizer else (True,):
+            out = tempfile.mktemp(suffix=".json")
+            subprocess.run([sys.executable, __file__, "--mnist", args.mnist, *(["--smoke"] if args.smoke else []),
+                            *(["--compile-optimizer"] if args.compile_optimizer else []), "--child", str(jobs),
+                            "1" if compiled else "0", out], cwd=ROOT, check=True)
+            r = json.loads(Path(out).read_text())
+            results.append(r)
+            print(json.dumps(r), flush=True)
+    print(f"\n{'jobs':>4} {'compile':>7} {'model-steps/s':>13} {'wall µs':>8} {'host in step µs':>15} "
+          f"{'kernels':>8} {'kernel µs':>9} {'GPU idle':>8}")
+    for r in results:
+        idle = 1 - r["kernel_us_per_group_step"] / r["wall_us_per_group_step"]
+        print(f"{r['jobs']:>4} {str(r['compiled']):>7} {r['model_steps_per_s']:>13,.0f} {r['wall_us_per_group_step']:>8.0f} "
+              f"{r['host_in_take_steps_us']:>15.0f} {r['kernels_per_group_step']:>8.0f} "
+              f"{r['kernel_us_per_group_step']:>9.0f} {idle:>7.0%}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
