@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import gzip
 import json
+from pathlib import Path
 
 import pytest
 
-from conftest import only_run_folder, run_cli
+from conftest import run_cli
 from runner import run
 from runner.errors import UserError
 
@@ -71,8 +72,9 @@ def test_composition_errors_do_not_depend_on_hydra_full_error(tmp_path, args, ne
 
 
 def test_resume_folder_with_a_broken_config_exits_2(tmp_path):
-    assert run_cli(*FAST, "trainer.max_epochs=1", f"output_root={tmp_path}").returncode == 0
-    run_dir = only_run_folder(tmp_path)
+    trained = run([*FAST, "trainer.max_epochs=1", f"output_root={tmp_path}"])  # in process: faster
+    assert trained["exit_code"] == 0
+    run_dir = Path(trained["run_dir"])
     (run_dir / "summary.json").write_text(json.dumps({"status": "interrupted"}))
     for text, needle in (("", "is empty or not a runner config"), ("a: [unclosed", "is not a readable config")):
         (run_dir / ".hydra" / "config.yaml").write_text(text)

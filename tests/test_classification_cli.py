@@ -1,13 +1,15 @@
-"""Classification end to end: the classify preset through the command line, an ImageFolder tree
+"""Classification end to end: the classify preset (through runner.run, the command's run in process), an ImageFolder tree
 written by the test, grey data into a torchvision model, and fashion_resnet's settings."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from conftest import only_run_folder, run_cli, run_in_process
+from conftest import run_in_process
+from runner import run
 from test_classification_data import write_image_folder
 
 QUIET = ("trainer.progress=none", "device=cpu")
@@ -18,9 +20,9 @@ def summary(run_dir):
 
 
 def test_classify_preset_end_to_end(tmp_path):
-    done = run_cli("experiment=classify", *QUIET, f"output_root={tmp_path}", env={"OMP_NUM_THREADS": "2"})
-    assert done.returncode == 0, done.stderr[-3000:]
-    run_dir = only_run_folder(tmp_path)
+    result = run(["experiment=classify", *QUIET, f"output_root={tmp_path}"])  # the command's run, in process
+    assert result["exit_code"] == 0, result.get("error")
+    run_dir = Path(result["run_dir"])
     s = summary(run_dir)
     assert s["status"] == "completed" and s["eval_samples"] == {"val": 1000, "test": 2000}
     metrics = s["metrics"]
