@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# A sweep longer than one device call, in chunks: each call trains for at most SECONDS, then
+# SIGTERM makes runner checkpoint every job and stop; the next call resumes the sweep folder
+# (resume=<sweep folder>; fused jobs fuse again). The sweep folder travels as one tar file:
+# $OUT/NAME.tar comes back from the machine; copy it to .gpu_runs/NAME.tar here (git-ignored) and
+# carry .gpu_runs on the next call. Table 1's k=50 pair, for example (one chunk a call):
+#   bash benchmarks/chunked_sweep.sh table1_k50 540 hydra/launcher=fused experiment=iwae_paper \
+#       dataset.root=.gpu_data/mnist model=vae1 loss=elbo,iwae loss.k=50 trainer.save_top_k=0
+# Prints each job's step and status; exit 0 while the sweep goes on or when it is done.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+name=$1 seconds=$2; shift 2
+OUT=${OUT:-bench-out}; mkdir -p "$OUT"
+work=$(mktemp -d)/"$name"
+if [[ -f .gpu_runs/$name.tar ]]; then
+  mkdir -p "$work" && tar -xf ".gpu_runs/$name.tar" -C "$work"
+  sweep=$(ls -d "$work"/multirun/*/ | head -1)
+  echo "resuming $sweep"
+  timeout -s TERM -k 60 "$seconds" python -m runner "resume=${sweep%/}" trainer.progress=plain
+else
+  timeout -s TERM -k 60 "$seconds" python -m runner -m "$@" trainer.progress=plain "output_root=$work"
+fi
+echo "runner exit code $?"
+tar -cf "$OUT/$name.tar" -C "$work" multirun
+python - "$work" <<'EOF'
+import json, sys
+from pathlib import Path
+for summary in sorted(Path(sys.argv[1]).glob("multirun/*/*/summary.json")):
+    s = json.loads(summary.read_text())
+    print(summary.parent.name, s.get("status"), "step", s.get("steps"), {k: v for k, v in s.get("metrics", {}).items()
+                                                                         if "nll" in k or k == "active_units"})
+EOF
+ls -la "$OUT/$name.tar"
