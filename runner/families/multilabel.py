@@ -29,9 +29,8 @@ from runner.errors import UserError
 from runner.engine.compat import Accepts
 from runner.metrics.multilabel import multilabel_metrics, tune_thresholds
 
-# Any image classifier fits (runner's torchvision and timm options, small_cnn and cifar_resnet for small
-# images, or a user's module that maps
-# a batch of images to one logit per label).
+# Any image classifier fits: runner's torchvision and timm options, small_cnn and cifar_resnet for
+# small images, or a user's module that maps a batch of images to one logit per label.
 ACCEPTS = Accepts(datasets=("runner.data.shapes.", "runner.data.multilabel_csv.", "runner.data.fashion_mosaic."),
                   models=("runner.models.torchvision_models.", "runner.models.timm_models.",
                           "runner.models.small_cnn.", "runner.models.cifar_resnet."),
