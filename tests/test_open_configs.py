@@ -182,7 +182,7 @@ def test_a_tensor_lr_is_filled_in_place():
 
 # --- compatibility ------------------------------------------------------------------------------
 @pytest.mark.parametrize("overrides, needle", [
-    (("model=vae1",), "model=vae1 does not fit the multilabel family (dataset=shapes); its model options: densenet121, timm, torchvision"),
+    (("model=vae1",), "model=vae1 does not fit the multilabel family (dataset=shapes); its model options: cifar_resnet, densenet121, small_cnn, timm, torchvision"),
     (("experiment=regression", "loss=focal"), "loss=focal does not fit the regression family (dataset=regression); its loss options: mse"),
     (("experiment=iwae_silhouettes", "model=densenet121"), "model=densenet121 does not fit the density family (dataset=silhouettes); its model options: vae1, vae2"),
     (("experiment=iwae_silhouettes", "loss=bce"), "loss=bce does not fit the density family"),
