@@ -15,7 +15,6 @@ Usage: python benchmarks/profile_fused.py [--jobs 1,8] [--mnist DIR] [--out FILE
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import runpy
 import subprocess
@@ -31,56 +30,46 @@ PROFILED = (300, 320)  # launches under the profiler
 
 def child(jobs: int, compiled: bool, mnist: str, out: str, smoke: bool, optimizer_compiled: bool) -> None:
     """One sweep, in this process, with ``fit``'s step function wrapped."""
-    global TIMED, PROFILED
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     import runner.engine.fused as fused
     import runner.engine.loop as loop
+    from profile_steps import kernel_table
 
     real_fit, found = fused.fit, {}
     sync = (lambda: None) if smoke else torch.cuda.synchronize
-    if smoke:
-        TIMED, PROFILED = (2, 6), (6, 8)
+    # Launches timed and profiled (a smoke run on the CPU has a few steps and no kernels).
+    (t0, t1), (p0, p1) = ((2, 6), (6, 8)) if smoke else (TIMED, PROFILED)
 
     def fit(trainers, take_steps, stop):
-        calls, inside = [0], [0.0]
+        calls, inside, marks = [0], [0.0], {}
         prof = profile(activities=[ProfilerActivity.CPU if smoke else ProfilerActivity.CUDA])
-        marks: dict[str, float] = {}
 
         def timed(windows, step):
             n = calls[0]
             calls[0] += 1
-            if n in (TIMED[0], TIMED[1], PROFILED[1]):
+            if n in (t0, t1, p1):
                 sync()
-                marks[str(n)] = time.perf_counter()
-            if n == PROFILED[0]:
+                marks[n] = time.perf_counter()
+            if n == p0:
                 prof.start()
             started = time.perf_counter()
             result = take_steps(windows, step)
-            if TIMED[0] <= n < TIMED[1]:
+            if t0 <= n < t1:
                 inside[0] += time.perf_counter() - started
-            if n == PROFILED[1]:
+            if n == p1:
                 prof.stop()
             return result
 
         real_fit(trainers, timed, stop)
-        group_steps = 10 * (TIMED[1] - TIMED[0])
-        wall = marks[str(TIMED[1])] - marks[str(TIMED[0])]
-        kernels: dict[str, float] = collections.defaultdict(float)
-        count = 0
-        for event in prof.events():
-            if smoke or event.device_type == torch.autograd.DeviceType.CUDA:
-                kernels[event.name] += event.cpu_time if smoke else event.device_time
-                count += 1
-        profiled_steps = 10 * (PROFILED[1] - PROFILED[0])
-        kernel_us = sum(kernels.values()) / profiled_steps
-        found.update(jobs=jobs, compiled=compiled, optimizer_compiled=optimizer_compiled, wall_us_per_group_step=1e6 * wall / group_steps,
-                     host_in_take_steps_us=1e6 * inside[0] / group_steps,
-                     model_steps_per_s=jobs * group_steps / wall, kernels_per_group_step=count / profiled_steps,
-                     kernel_us_per_group_step=kernel_us,
-                     top=[(name[:80], round(t / profiled_steps, 1))
-                          for name, t in sorted(kernels.items(), key=lambda kv: -kv[1])[:10]])
+        group_steps, wall = 10 * (t1 - t0), marks[t1] - marks[t0]
+        count, kernel_us, ranked = kernel_table(prof, 10 * (p1 - p0))
+        found.update(jobs=jobs, compiled=compiled, optimizer_compiled=optimizer_compiled,
+                     wall_us_per_group_step=1e6 * wall / group_steps,
+                     host_in_take_steps_us=1e6 * inside[0] / group_steps, model_steps_per_s=jobs * group_steps / wall,
+                     kernels_per_group_step=count, kernel_us_per_group_step=kernel_us,
+                     top=[(name[:80], round(t, 1)) for name, t in ranked[:10]])
 
     fused.fit = loop.fit = fit  # a group of one runs alone, through loop.py's fit
     root = tempfile.mkdtemp(prefix="profile-fused-")

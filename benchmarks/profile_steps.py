@@ -34,6 +34,12 @@ def kernels_of(step, steps: int = 5) -> tuple[int, float, list[tuple[str, float]
         for _ in range(steps):
             step()
         sync(DEVICE)
+    return kernel_table(prof, steps)
+
+
+def kernel_table(prof: profile, steps: int) -> tuple[int, float, list[tuple[str, float]]]:
+    """The GPU kernels a finished profile recorded over ``steps`` steps: (kernels per step, kernel
+    time per step in µs, [(kernel name, µs per step)] by time)."""
     times: dict[str, float] = collections.defaultdict(float)
     count = 0
     for event in prof.events():

@@ -22,7 +22,7 @@ from rich.table import Table
 
 from runner import plots
 from runner.files import atomic_write_text
-from runner.sweep import job_folders, job_overrides, write_summary_csv
+from runner.sweep import job_folders, write_summary_csv
 
 SEED_KEY = "trainer.seed"
 # The direction of a metric that is not the runs' monitor, by the words of its name.
@@ -134,9 +134,7 @@ def sort_best_first(summary: pd.DataFrame, metric: str, monitor: str | None, mon
 def report_sweep(folder: Path, metrics: list[str] | None, sort: str | None, group_by: list[str] | None,
                  console: Console, every: bool = False) -> pd.DataFrame:
     table = write_summary_csv(folder)
-    # The overrides' keys, read from the jobs: a metric may have no "/" in its name (active_units).
-    overridden = {key for job in job_folders(folder) for key in job_overrides(job)}
-    override_keys = [c for c in table.columns if c in overridden]
+    override_keys = table.attrs["override_keys"]
     chosen = metric_columns(table, metrics)  # --metric, else every metric
     keys = group_by if group_by is not None else swept_keys(table, override_keys)
     summary = aggregate(table, keys, chosen)

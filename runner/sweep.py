@@ -21,9 +21,9 @@ def job_overrides(job_dir: Path) -> dict[str, str]:
     return {key.lstrip("+~"): value for key, _, value in pairs}
 
 
-def job_row(job_dir: Path) -> dict[str, Any]:
-    """Overrides + status + flat final metrics of one job folder."""
-    row: dict[str, Any] = {"job": job_dir.name, **job_overrides(job_dir)}
+def job_row(job_dir: Path, overrides: dict[str, str]) -> dict[str, Any]:
+    """The job's overrides + status + flat final metrics of its folder."""
+    row: dict[str, Any] = {"job": job_dir.name, **overrides}
     summary_file = job_dir / "summary.json"
     if summary_file.is_file():
         summary = json.loads(summary_file.read_text())
@@ -46,7 +46,13 @@ def job_folders(sweep_dir: Path) -> list[Path]:
 
 
 def collect(sweep_dir: Path) -> pd.DataFrame:
-    return pd.DataFrame([job_row(p) for p in job_folders(sweep_dir)])
+    """One row per job; ``attrs["override_keys"]``: the columns that are overrides (a metric may
+    have no "/" in its name, as active_units, so the names alone do not tell)."""
+    folders = job_folders(sweep_dir)
+    overrides = [job_overrides(p) for p in folders]
+    table = pd.DataFrame([job_row(p, o) for p, o in zip(folders, overrides)])
+    table.attrs["override_keys"] = list(dict.fromkeys(key for o in overrides for key in o))
+    return table
 
 
 def write_summary_csv(sweep_dir: Path) -> pd.DataFrame:

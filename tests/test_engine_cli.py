@@ -79,6 +79,13 @@ def test_bad_config_exit_code_and_message(tmp_path, override, needle, code):
     assert "Traceback" not in err
 
 
+def test_a_compiled_optimizer_with_fp16_loss_scaling_is_refused(tmp_path):
+    code, run_dir = run_in_process(tmp_path, *FAST, "trainer.compile_optimizer=true", "trainer.precision=16")
+    error = json.loads((run_dir / "summary.json").read_text())["error"]
+    assert code == 2 and "trainer.compile_optimizer=true does not combine with trainer.precision=16" in error
+    assert "\n" not in error
+
+
 def test_checkpoint_of_another_model_is_refused(tmp_path):
     code, trained = run_in_process(tmp_path / "a", *FAST)
     assert code == 0

@@ -73,6 +73,9 @@ def validate(config: Config) -> None:
     if t.steps_per_graph > 1 and not (t.cuda_graph and t.data_on_device):
         raise UserError(f"trainer.steps_per_graph={t.steps_per_graph} needs trainer.cuda_graph=true and "
                         "trainer.data_on_device=true (the batches of a launch are cut on the device)")
+    if t.compile_optimizer and t.precision == "16":
+        raise UserError("trainer.compile_optimizer=true does not combine with trainer.precision=16 (its grad scaler "
+                        "steps the optimizer itself); use trainer.precision=bf16, or trainer.compile_optimizer=false")
     if t.gradient_clip_val < 0:
         raise UserError(f"trainer.gradient_clip_val={t.gradient_clip_val} must be >= 0")
     if config.device.sync_batchnorm and not (config.device.strategy == Strategy.ddp and config.device.backend == "nccl"):

@@ -58,8 +58,9 @@ class OptimizerStep:
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         self.precision, self.clip, self.skip_nonfinite = precision, clip, skip_nonfinite
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=precision == "16")
-        # trainer.compile_optimizer: the step as generated kernels (the scaler's step stays eager).
-        self.optimizer_step = torch.compile(optimizer.step) if compiled_optimizer else optimizer.step
+        # trainer.compile_optimizer: the step as generated kernels (precision=16, whose scaler steps
+        # the optimizer itself, is refused with it: runner/engine/run.py validate).
+        self.compiled_step = torch.compile(optimizer.step) if compiled_optimizer else None
         # Device-side sums since the last log point (the captured step adds into them too).
         self.running_loss = torch.zeros((), device=ctx.device, dtype=torch.float64)
         self.running_units = 0
@@ -84,11 +85,10 @@ class OptimizerStep:
             torch._foreach_mul_([p.grad for p in self.params if p.grad is not None], scale)  # one fused launch
         if self.clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.clip)
-        if not skip:
-            if self.scaler.is_enabled():
-                self.scaler.step(self.optimizer)
-            else:
-                self.optimizer_step()
+        if not skip and self.compiled_step is not None:
+            self.compiled_step()
+        elif not skip:
+            self.scaler.step(self.optimizer)
         self.scaler.update()  # a no-op unless precision=16
         if self.zero_grad:
             self.optimizer.zero_grad(set_to_none=not self.keep_grad_memory)
