@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
 # A sweep longer than one device call, in chunks: each call trains for at most SECONDS, then
 # SIGTERM makes runner checkpoint every job and stop; the next call resumes the sweep folder
-# (resume=<sweep folder>; fused jobs fuse again). The sweep folder travels as one tar file:
-# $OUT/NAME.tar comes back from the machine; copy it to .gpu_runs/NAME.tar here (git-ignored) and
-# carry .gpu_runs on the next call. Table 1's k=50 pair, for example (one chunk a call):
-#   bash benchmarks/chunked_sweep.sh table1_k50 540 hydra/launcher=fused experiment=iwae_paper \
-#       dataset.root=.gpu_data/mnist model=vae1 loss=elbo,iwae loss.k=50 trainer.save_top_k=0
+# (resume=<sweep folder>; fused jobs fuse again). The sweep folder travels as a tar file cut in
+# 15 MiB parts ($OUT/NAME.tar.partNN: a file back from the machine may have 16 MiB); copy them to
+# .gpu_runs/ here (git-ignored, replacing the old parts) and carry .gpu_runs on the next call.
+# Table 1's one-layer row, for example (one chunk a call):
+#   bash benchmarks/chunked_sweep.sh table1 540 hydra/launcher=fused experiment=iwae_paper \
+#       dataset.root=.gpu_data/mnist model=vae1 loss=elbo,iwae loss.k=1,5,50 trainer.save_top_k=0
 # Prints each job's step and status; exit 0 while the sweep goes on or when it is done.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 name=$1 seconds=$2; shift 2
 OUT=${OUT:-bench-out}; mkdir -p "$OUT"
 work=$(mktemp -d)/"$name"
-if [[ -f .gpu_runs/$name.tar ]]; then
-  mkdir -p "$work" && tar -xf ".gpu_runs/$name.tar" -C "$work"
+if compgen -G ".gpu_runs/$name.tar.part*" > /dev/null; then
+  mkdir -p "$work" && cat ".gpu_runs/$name.tar.part"* | tar -xf - -C "$work"
   sweep=$(ls -d "$work"/multirun/*/ | head -1)
   echo "resuming $sweep"
   timeout -s TERM -k 60 "$seconds" python -m runner "resume=${sweep%/}" trainer.progress=plain
@@ -21,7 +22,7 @@ else
   timeout -s TERM -k 60 "$seconds" python -m runner -m "$@" trainer.progress=plain "output_root=$work"
 fi
 echo "runner exit code $?"
-tar -cf "$OUT/$name.tar" -C "$work" multirun
+tar -cf - -C "$work" multirun | split -b 15M -d - "$OUT/$name.tar.part"
 python - "$work" <<'EOF'
 import json, sys
 from pathlib import Path
@@ -30,4 +31,4 @@ for summary in sorted(Path(sys.argv[1]).glob("multirun/*/*/summary.json")):
     print(summary.parent.name, s.get("status"), "step", s.get("steps"), {k: v for k, v in s.get("metrics", {}).items()
                                                                          if "nll" in k or k == "active_units"})
 EOF
-ls -la "$OUT/$name.tar"
+ls -la "$OUT/$name.tar.part"*

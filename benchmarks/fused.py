@@ -6,10 +6,11 @@ model-steps/s (jobs x each job's steps/s) of:
     the rate of the same jobs run one after another (start-up left out);
 (b) the same without compile (the fused step is not compiled unless asked);
 (c) 1, 2, 4, 8, 16 jobs fused by ``hydra/launcher=fused`` (different seeds);
-(d) 8 jobs fused with ``trainer.compile=true``;
+(d) the fused jobs (each count of ``--jobs`` from 2 on) with ``trainer.compile=true``;
 (e) 8 jobs in 8 processes at once through the joblib launcher (``hydra/launcher=parallel``);
 (f) (a) and (d) with ``trainer.compile_optimizer=true`` (fused Adam's kernel keeps few SMs busy
     on this model: benchmarks/profile_fused.py).
+``--rows`` picks rows by letter (default: all).
 
 ``--family charlm``: the same table for the char-LSTM 2x128 (Tiny Shakespeare, batch 50, 50
 characters, captured step): (a) one job on nn.LSTM (cuDNN), (b) one job on the hand-written
@@ -18,7 +19,7 @@ no compile rows.
 
 Each job's rate is the median of its logged training rates after the first window (warm-up,
 capture). Usage: python benchmarks/fused.py [--family iwae|charlm] [--mnist DIR] [--text FILE]
-[--steps N] [--jobs 1,2,4] [--smoke] [--out FILE]
+[--steps N] [--jobs 1,2,4] [--rows a,c,d] [--smoke] [--out FILE]
 """
 from __future__ import annotations
 
@@ -68,9 +69,11 @@ def main() -> None:
     parser.add_argument("--text", default=str(ROOT / ".gpu_data" / "tinyshakespeare" / "input.txt"))
     parser.add_argument("--steps", type=int, default=30000)
     parser.add_argument("--jobs", default="1,2,4,8,16")
+    parser.add_argument("--rows", default="a,b,c,d,e,f", help="which rows, by letter")
     parser.add_argument("--smoke", action="store_true", help="a few steps on the CPU, to check the script")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    rows = set(args.rows.split(","))
     charlm = args.family == "charlm"
     batch, unit = (50, "tokens") if charlm else (20, "samples")
     per_step = batch * (50 if charlm else 1)  # a char-LSTM step is batch x 50 characters
@@ -106,24 +109,29 @@ def main() -> None:
         results[name] = {"jobs": jobs, "per_job_steps_s": rates, "aggregate_steps_s": sum(rates), "wall_s": wall}
         print(f"{name}: {jobs} job(s), aggregate {sum(rates):,.0f} model-steps/s, wall {wall:.0f} s", flush=True)
 
-    for name, extra in single:
-        record(name, *runner([*common, *fast, *extra], False), 1)
-    for k in (int(j) for j in args.jobs.split(",")):
+    jobs = [int(j) for j in args.jobs.split(",")]
+    eight = ",".join(str(s) for s in range(8))
+
+    def fused(k: int, extra: list[str]) -> tuple[Path, float]:
         seeds = ",".join(str(s) for s in range(k))
-        record(f"(c) fused x{k}", *runner(["hydra/launcher=fused", *common, *fast, *fused_with,
-                                           f"trainer.seed={seeds}"], True), k)
-    if not args.smoke:
-        seeds = ",".join(str(s) for s in range(8))
-        if not charlm:
-            record("(d) fused x8 +compile", *runner(["hydra/launcher=fused", *common, *fast, *compiled,
-                                                       f"trainer.seed={seeds}"], True), 8)
+        return runner(["hydra/launcher=fused", *common, *fast, *extra, f"trainer.seed={seeds}"], True)
+
+    for (name, extra), letter in zip(single, "ab"):
+        if letter in rows or letter == "a":  # (a) is what every row is compared with
+            record(name, *runner([*common, *fast, *extra], False), 1)
+    for k in jobs if "c" in rows else []:
+        record(f"(c) fused x{k}", *fused(k, fused_with), k)
+    if not args.smoke and not charlm:
+        for k in [k for k in jobs if k > 1] if "d" in rows else []:
+            record(f"(d) fused x{k} +compile", *fused(k, compiled), k)
+    if not args.smoke and "e" in rows:
         record("(e) joblib x8 processes", *runner(["hydra/launcher=parallel", "hydra.launcher.n_jobs=8", *common,
-                                                   *fast, *joblib_with, f"trainer.seed={seeds}"], True), 8)
-        if not charlm:
-            both = [*compiled, "trainer.compile_optimizer=true"]
-            record("(f) single +compiled optimizer", *runner([*common, *fast, *both], False), 1)
-            record("(f) fused x8 +compiled optimizer", *runner(["hydra/launcher=fused", *common, *fast, *both,
-                                                                f"trainer.seed={seeds}"], True), 8)
+                                                   *fast, *joblib_with, f"trainer.seed={eight}"], True), 8)
+    if not args.smoke and not charlm and "f" in rows:
+        both = [*compiled, "trainer.compile_optimizer=true"]
+        record("(f) single +compiled optimizer", *runner([*common, *fast, *both], False), 1)
+        for k in [k for k in jobs if k > 1]:
+            record(f"(f) fused x{k} +compiled optimizer", *fused(k, both), k)
     best_single = results[single[0][0]]["aggregate_steps_s"]
     joblib = results.get("(e) joblib x8 processes", {}).get("aggregate_steps_s")
     print(f"\n{'variant':<34} {'jobs':>4} {'model-steps/s':>14} {'vs (a)':>7} {'vs (e)':>7}")

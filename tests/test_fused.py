@@ -78,6 +78,17 @@ def test_fused_iwae_and_vae_jobs_equal_their_runs_alone_and_dreg_runs_unfused(tm
         assert_same_as_alone(last(folder / str(job)), last(alone), 1e-5)
 
 
+def test_iwae_jobs_of_different_k_fuse_padded_and_equal_their_runs_alone(tmp_path):
+    # Job 0 (k=2) leads the group and runs at k=5 with its last three draws zero: its loss must
+    # read its own two rows of log w only.
+    done, folder = sweep(tmp_path, *IWAE, "loss=iwae", "loss.k=2,5", "trainer.seed=4")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "fused group of 2 jobs" in (folder / "0" / "run.log").read_text()
+    code, alone = run_in_process(tmp_path / "alone", *IWAE, "loss=iwae", "loss.k=2", "trainer.seed=4")
+    assert code == 0
+    assert_same_as_alone(last(folder / "0"), last(alone), 1e-5)
+
+
 def test_a_nan_job_fails_alone(tmp_path):
     done, folder = sweep(tmp_path, *REGRESSION, "optim.lr=0.01,1e15")
     assert done.returncode == 1  # a sweep with a failed job

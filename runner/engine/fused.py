@@ -3,7 +3,9 @@
 A small model (IWAE at batch 20) leaves a GPU idle: its step is a few hundred tiny kernels, and
 a second job on the same GPU only time-slices it. Jobs that share their architecture and tensor
 shapes and differ in seed, optimizer settings (the learning rate, ...) or loss variant take their
-steps together instead (``hydra/launcher=fused`` groups them; hydra_plugins/runner_fused/):
+steps together instead (``hydra/launcher=fused`` groups them; hydra_plugins/runner_fused/). A
+family may let jobs differ in a setting that changes a shape (the density family's ``loss.k``):
+their step inputs are zero-padded to the group's largest and each job's loss ignores the padding.
 
 * each parameter of the group is one stacked tensor, [jobs, ...]; every job's model holds views
   into it, so its optimizer, schedule, checkpoints and evaluation are exactly a run alone's;
@@ -92,10 +94,23 @@ class StackedParameters:
 
 
 def stack_trees(trees: Sequence[Any]) -> Any:
-    """Nested tuples/lists/dicts of tensors, one per job, as one such structure of [jobs, ...]."""
+    """Nested tuples/lists/dicts of tensors, one per job, as one such structure of [jobs, ...].
+    Tensors of different shapes (jobs that differ in a family's ``FUSION_PADDED`` setting) are
+    zero-padded at the end of each dimension to the largest; the family's loss ignores the padding."""
     leaves, spec = tree_flatten(trees[0])
     columns = zip(*(tree_flatten(tree)[0] for tree in trees))
-    return tree_unflatten([torch.stack(column) for column in columns], spec)
+    return tree_unflatten([torch.stack(padded(column)) for column in columns], spec)
+
+
+def padded(tensors: Sequence[Tensor]) -> list[Tensor]:
+    shape = [max(sizes) for sizes in zip(*(t.shape for t in tensors))]
+    out = []
+    for t in tensors:
+        if list(t.shape) != shape:
+            pad = [p for size, full in zip(reversed(t.shape), reversed(shape)) for p in (0, full - size)]
+            t = torch.nn.functional.pad(t, pad)
+        out.append(t)
+    return out
 
 
 class FusedStep:
@@ -262,8 +277,9 @@ def run_group(jobs: Sequence[tuple[Config, Path, dict[str, str], Any]]) -> list[
     return codes
 
 
-# Settings in which fused jobs may differ: each job has its own seed, optimizer and loss object
-# (the loss must keep the shapes: same k), and its own loggers and display.
+# Settings in which fused jobs may differ: each job has its own seed, optimizer and loss object,
+# and its own loggers and display. A family may add settings that change its step's shapes, whose
+# inputs are then padded (its module's ``FUSION_PADDED``: the density family's ``loss.k``).
 FREE_KEYS = ("trainer.seed", "optim", "loss._target_", "logger", "trainer.progress", "resume", "name")
 
 
@@ -273,7 +289,9 @@ def fusion_key(config: Config) -> str:
     from omegaconf import OmegaConf
 
     settings = OmegaConf.to_container(OmegaConf.structured(config), resolve=True)
-    for key in FREE_KEYS:
+    family = compat.family_of_dataset(config.dataset)
+    padded_keys = getattr(compat.module_of(family), "FUSION_PADDED", ()) if family else ()
+    for key in (*FREE_KEYS, *padded_keys):
         *path, last = key.split(".")
         node = settings
         for part in path:

@@ -46,9 +46,13 @@ class DensityFamily(StepInParts):
 
     def forward(self, model: VAE, inputs: tuple[Tensor, list[Tensor]]) -> dict:
         x, noise = inputs
-        return model(x, self.loss.k, self.loss.stop_q, noise=noise)
+        # k from the draws, not from this job's loss: a fused group runs every job at its largest k.
+        return model(x, noise[0].shape[0], self.loss.stop_q, noise=noise)
 
     def loss_sum(self, outputs: dict, inputs: tuple[Tensor, list[Tensor]]) -> Tensor:
+        if outputs["log_w"].shape[0] != self.loss.k:  # fused with larger k: the rows past ours are padding
+            outputs = {"log_w": outputs["log_w"][: self.loss.k],
+                       "latents": tuple(z[: self.loss.k] for z in outputs["latents"])}
         return self.loss(outputs).sum()
 
     def units(self, inputs: tuple[Tensor, list[Tensor]]) -> int:
@@ -112,6 +116,11 @@ def write_samples_plot(model: VAE, test_set, image_shape: tuple[int, int], path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100, bbox_inches="tight")
     return True
+
+
+# Jobs that differ in k fuse: each draws its own k samples, the group's step runs every job at the
+# largest k (the draws zero-padded), and each job's loss reads only its own k rows of log w.
+FUSION_PADDED = ("loss.k",)
 
 
 def fusion_blocker(model: Any, loss: Any) -> str | None:
