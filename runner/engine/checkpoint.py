@@ -55,6 +55,12 @@ def own_storage(tensors: dict[str, Any]) -> dict[str, Any]:
             for name, t in tensors.items()}
 
 
+def own_optimizer_storage(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """An optimizer's state dict with its state tensors copied out of larger storages (a fused
+    group's jobs keep slices of one stacked state: runner/engine/fused.py StackedOptimizer)."""
+    return {**state_dict, "state": {i: own_storage(state) for i, state in state_dict["state"].items()}}
+
+
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     payload = {"format_version": FORMAT_VERSION, **payload}
     buffer = io.BytesIO()

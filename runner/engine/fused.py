@@ -23,6 +23,7 @@ takes the same steps; only the batched matrix products may round differently.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 from pathlib import Path
 from typing import Any, Sequence
@@ -113,6 +114,82 @@ def padded(tensors: Sequence[Tensor]) -> list[Tensor]:
     return out
 
 
+# Optimizers whose update is elementwise (each element reads only its own gradient and state, and
+# the step count): one of them over the stacked parameters steps every job as its own would.
+ELEMENTWISE = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, torch.optim.RMSprop, torch.optim.NAdam,
+               torch.optim.RAdam, torch.optim.Adamax, torch.optim.Adagrad)
+SHARED_STATE = ("step", "mu_product")  # per-parameter scalars, equal in every job of a group (lockstep)
+
+
+class StackedOptimizer:
+    """Jobs with the same optimizer settings (fused, they share the schedule too) step as ONE
+    optimizer over the stacked parameters: on a small model a fused-Adam launch keeps a few of
+    the GPU's SMs busy for a fixed time whatever its size, so one launch for the group instead of
+    one per job is most of a fused step's saving. Each job's optimizer state is made of slices of
+    the stacked state, so its checkpoint is the one of the job run alone; a resumed group stacks
+    its jobs' loaded states. All jobs read one lr tensor, which every job's schedule fills alike."""
+
+    def __init__(self, optimizers: Sequence[torch.optim.Optimizer], models: Sequence[nn.Module],
+                 stacks: StackedParameters, compiled: bool):
+        self.jobs, lead = list(optimizers), optimizers[0]
+        self.stacked = list(stacks.stacked.values())
+        self.views = [[model.get_parameter(name) for name in stacks.names] for model in models]
+        index = {id(view): i for i, view in enumerate(self.views[0])}
+        groups = [{**{k: v for k, v in group.items() if k != "params"},
+                   "params": [self.stacked[index[id(p)]] for p in group["params"]]} for group in lead.param_groups]
+        accepted = inspect.signature(type(lead)).parameters
+        self.optimizer = type(lead)(groups, **{k: v for k, v in lead.defaults.items() if k in accepted})
+        for stacked, grad in zip(self.stacked, stacks.grads):
+            stacked.grad = grad  # its slices are the jobs' .grad
+        for g, group in enumerate(self.optimizer.param_groups):
+            if isinstance(group["lr"], Tensor):  # captured: one device lr for the group
+                for optimizer in self.jobs:
+                    optimizer.param_groups[g]["lr"] = group["lr"]
+        if lead.state:  # a resumed group: its jobs' loaded states, stacked
+            for i, stacked in enumerate(self.stacked):
+                rows = [optimizer.state[views[i]] for optimizer, views in zip(self.jobs, self.views)]
+                self.optimizer.state[stacked] = {key: torch.stack([row[key] for row in rows])
+                                                 if self.per_element(key, value) else value
+                                                 for key, value in rows[0].items()}
+        self.linked = False
+        self.link()
+        self.take_step = torch.compile(self.optimizer.step) if compiled else self.optimizer.step
+
+    @staticmethod
+    def per_element(key: str, value: Any) -> bool:
+        return isinstance(value, Tensor) and key not in SHARED_STATE
+
+    def link(self) -> None:
+        """Every job's state as its slices of the stacked state, once that exists (optimizers
+        make their state at their first step)."""
+        if self.linked or not self.optimizer.state:
+            return
+        for i, stacked in enumerate(self.stacked):
+            state = self.optimizer.state[stacked]
+            for j, (optimizer, views) in enumerate(zip(self.jobs, self.views)):
+                optimizer.state[views[i]] = {key: value[j] if self.per_element(key, value) else value
+                                             for key, value in state.items()}
+        self.linked = True
+
+    def step(self, source: torch.optim.Optimizer) -> None:
+        """One step of every job; ``source``: a live job's optimizer, whose settings (an lr the
+        schedule set as a float) the group takes."""
+        for group, theirs in zip(self.optimizer.param_groups, source.param_groups):
+            group.update((key, value) for key, value in theirs.items() if key != "params")
+        self.take_step()
+        self.link()
+
+
+def stackable_optimizers(configs: Sequence[Config], optimizers: Sequence[torch.optim.Optimizer]) -> bool:
+    """Whether the jobs' optimizers can step as one (StackedOptimizer): one elementwise class,
+    the same settings."""
+    from runner.build import plain
+
+    first = plain(configs[0].optim)
+    return (all(type(o) is type(optimizers[0]) for o in optimizers) and isinstance(optimizers[0], ELEMENTWISE)
+            and all(plain(c.optim) == first for c in configs))
+
+
 class FusedStep:
     """One optimizer step of every job in the group (see the module docstring); ``slots[j]``
     is job j's Trainer, None where a job failed before training (its slot is computed, unused).
@@ -121,7 +198,8 @@ class FusedStep:
     optimizer step."""
 
     def __init__(self, slots: Sequence[Trainer | None], stacks: StackedParameters, *, precision: str,
-                 captured: bool, steps_per_launch: int, compiled: bool, compiled_optimizer: bool = False):
+                 captured: bool, steps_per_launch: int, compiled: bool, compiled_optimizer: bool = False,
+                 stacked_optimizer: bool = False):
         self.slots, self.stacks, self.precision = list(slots), stacks, precision
         live = [t for t in self.slots if t is not None]
         self.device = live[0].ctx.device
@@ -140,10 +218,15 @@ class FusedStep:
         self.forward = vmap(loss if self.same_loss else outputs)
         if compiled:
             self.forward = torch.compile(self.forward)
-        # trainer.compile_optimizer: every job's optimizer step in one compiled call (compiled
-        # one by one, each optimizer would be a recompilation of its own).
+        # Jobs of one optimizer setting step as one optimizer over the stack (StackedOptimizer);
+        # else, with trainer.compile_optimizer, every job's optimizer step in one compiled call
+        # (compiled one by one, each would be a recompilation of its own); else each its own.
         optimizers = [t.optimizer for t in live]
-        self.step_optimizers = torch.compile(lambda: [o.step() for o in optimizers]) if compiled_optimizer else None
+        self.stacked_optimizer = StackedOptimizer(optimizers, [t.family.raw_model for t in live], stacks,
+                                                  compiled_optimizer) if stacked_optimizer else None
+        self.step_optimizers = torch.compile(lambda: [o.step() for o in optimizers]) \
+            if compiled_optimizer and not stacked_optimizer else None
+        self.source = optimizers[0]  # a live job's optimizer (StackedOptimizer.step)
         # Each job's running loss is a slice of one tensor: one addition a step for the group.
         self.running = torch.zeros(len(self.slots), device=self.device, dtype=torch.float64)
         for j, t in enumerate(self.slots):
@@ -162,6 +245,7 @@ class FusedStep:
         live = iter(windows)
         per_slot = [next(live) if t is not None else None for t in self.slots]
         ref = next(w for w in per_slot if w is not None)
+        self.source = next(t.optimizer for t, w in zip(self.slots, per_slot) if w is not None)
         if ref.stacked is not None:  # several captured steps at once (trainer.steps_per_graph)
             self.graphed_launch([w.stacked if w is not None else ref.stacked for w in per_slot])
             steps = ref.steps
@@ -198,10 +282,13 @@ class FusedStep:
                     f.keep(tree_map(lambda c, j=j: c[j], carried))
         self.units = lead.units(inputs[0])  # the jobs' batches have one shape
         self.stacks.take_gradients(losses.sum(), 1.0 / self.units)
+        together = self.stacked_optimizer is not None or self.step_optimizers is not None
         for t in self.slots:
-            if t is not None:  # clip and step: the gradients are divided already
-                t.stepper.update(None, skip=self.step_optimizers is not None)
-        if self.step_optimizers is not None:
+            if t is not None:  # clip, and step unless the group steps together: the gradients are divided already
+                t.stepper.update(None, skip=together)
+        if self.stacked_optimizer is not None:
+            self.stacked_optimizer.step(self.source)
+        elif self.step_optimizers is not None:
             self.step_optimizers()
         self.running.add_(losses.detach())  # a NaN or Inf stays in a job's slice until it is checked
 
@@ -256,8 +343,13 @@ def run_group(jobs: Sequence[tuple[Config, Path, dict[str, str], Any]]) -> list[
         settings = lead.t
         step = FusedStep(slots, stacks, precision=settings.precision, captured=settings.cuda_graph,
                          steps_per_launch=settings.steps_per_graph, compiled=settings.compile,
-                         compiled_optimizer=settings.compile_optimizer)
-        log.info("fused group of %d jobs: %s", len(trainers), ", ".join(str(t.run_dir) for t in trainers))
+                         compiled_optimizer=settings.compile_optimizer,
+                         stacked_optimizer=None not in slots and stackable_optimizers(
+                             [life.config for life in lives if life.trainer is not None],
+                             [t.optimizer for t in trainers]))
+        log.info("fused group of %d jobs%s: %s", len(trainers),
+                 " (one optimizer over the stack)" if step.stacked_optimizer is not None else "",
+                 ", ".join(str(t.run_dir) for t in trainers))
         try:
             with SignalFlag() as stop:
                 fit(trainers, step.take_steps, stop)

@@ -315,7 +315,7 @@ class Trainer:
     def checkpoint_payload(self) -> dict[str, Any]:
         return {
             "model": ckpt.own_storage(self.family.raw_model.state_dict()),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": ckpt.own_optimizer_storage(self.optimizer.state_dict()),
             "schedule": self.schedule.state_dict(),
             "scaler": self.stepper.scaler.state_dict(),
             "loop": asdict(self.state),
