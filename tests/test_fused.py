@@ -203,3 +203,68 @@ def test_a_compiled_optimizer_steps_like_the_eager_one_alone_and_fused(tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "fused group of 2 jobs" in (folder / "0" / "run.log").read_text()
     assert_same_as_alone(last(folder / "1"), last(alone), 1e-5)
+
+
+def models_and_optimizers(optimizer_class, jobs=3, **kwargs):
+    """``jobs`` small models (a layer with a 2-D weight and a bias, and a second layer) with one
+    optimizer each, their parameters stacked as a fused group stacks them."""
+    from runner.engine.fused import StackedParameters
+
+    models = []
+    for seed in range(jobs):
+        torch.manual_seed(seed)
+        models.append(torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)))
+    stacks = StackedParameters(models)
+    return models, [optimizer_class(m.parameters(), **kwargs) for m in models], stacks
+
+
+@pytest.mark.parametrize("optimizer_class, kwargs", [
+    (torch.optim.Adam, {"lr": 0.01, "weight_decay": 0.1, "amsgrad": True}),
+    (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9, "nesterov": True}),
+    (torch.optim.RMSprop, {"lr": 0.01, "momentum": 0.5, "centered": True}),
+    (torch.optim.NAdam, {"lr": 0.01})])
+def test_one_optimizer_over_the_stack_steps_each_job_bitwise_as_its_own(optimizer_class, kwargs):
+    """StackedOptimizer against each job's own optimizer: same gradients, an lr changed between
+    steps, then a resumed group (the jobs' states loaded, stacked again): bitwise equal weights
+    and state; each job's state dict holds its own slices."""
+    from runner.engine.checkpoint import own_optimizer_storage
+    from runner.engine.fused import StackedOptimizer
+
+    models, optimizers, stacks = models_and_optimizers(optimizer_class, **kwargs)
+    alone_models, alone_optimizers, _ = models_and_optimizers(optimizer_class, **kwargs)
+    generator = torch.Generator().manual_seed(0)
+
+    def steps(group, optimizers, stacks, lrs):
+        for lr in lrs:
+            for grad in stacks.grads:
+                grad.copy_(torch.randn(grad.shape, generator=generator))
+            for j, (model, optimizer) in enumerate(zip(alone_models, alone_optimizers)):
+                for name, p in model.named_parameters():
+                    p.grad = stacks.grads[stacks.names.index(name)][j].clone()
+                optimizer.param_groups[0]["lr"] = lr
+                optimizer.step()
+            for optimizer in optimizers:  # each job's schedule writes its own optimizer's lr
+                optimizer.param_groups[0]["lr"] = lr
+            group.step(optimizers[1])
+
+    steps(StackedOptimizer(optimizers, models, stacks, compiled=False), optimizers, stacks, (0.01, 0.01, 0.003))
+    # Resumed: each job's saved state loaded into fresh optimizers, stacked again.
+    saved = [own_optimizer_storage(o.state_dict()) for o in optimizers]
+    for row in (row for state in saved for row in state["state"].values()):
+        assert all(v.untyped_storage().nbytes() == v.nbytes for v in row.values() if torch.is_tensor(v))
+    resumed, resumed_optimizers, resumed_stacks = models_and_optimizers(optimizer_class, **kwargs)
+    for model, old in zip(resumed, models):
+        model.load_state_dict(old.state_dict())
+    for optimizer, state in zip(resumed_optimizers, saved):
+        optimizer.load_state_dict(state)
+    steps(StackedOptimizer(resumed_optimizers, resumed, resumed_stacks, compiled=False), resumed_optimizers,
+          resumed_stacks, (0.003, 0.001))
+    for model, alone in zip(resumed, alone_models):
+        for (name, p), q in zip(model.named_parameters(), alone.parameters()):
+            assert torch.equal(p, q), name
+    for optimizer, alone in zip(resumed_optimizers, alone_optimizers):
+        for p, state in zip(optimizer.param_groups[0]["params"], alone.state.values()):
+            assert state.keys() == optimizer.state[p].keys()
+            for key, value in state.items():
+                mine = optimizer.state[p][key]
+                assert torch.equal(mine, value) if torch.is_tensor(value) else mine == value, key
