@@ -13,13 +13,23 @@ cd "$(dirname "$0")/.."
 name=$1 seconds=$2; shift 2
 OUT=${OUT:-bench-out}; mkdir -p "$OUT"
 work=$(mktemp -d)/"$name"
+# runner for at most $seconds, then SIGTERM to runner's own process (not, as `timeout` does, to its
+# whole process group with torch.compile's worker processes: on an H200 that way runner died
+# without its interrupted checkpoint), SIGKILL a minute later if it has not stopped.
+run_for() {
+  python -m runner "$@" & local pid=$!
+  ( sleep "$seconds"; kill -TERM "$pid" 2>/dev/null; sleep 60; kill -KILL "$pid" 2>/dev/null ) & local watch=$!
+  wait "$pid"; local code=$?
+  pkill -P "$watch" 2>/dev/null; kill "$watch" 2>/dev/null
+  return "$code"
+}
 if compgen -G ".gpu_runs/$name.tar.part*" > /dev/null; then
   mkdir -p "$work" && cat ".gpu_runs/$name.tar.part"* | tar -xf - -C "$work"
   sweep=$(ls -d "$work"/multirun/*/ | head -1)
   echo "resuming $sweep"
-  timeout -s TERM -k 60 "$seconds" python -m runner "resume=${sweep%/}" trainer.progress=plain
+  run_for "resume=${sweep%/}" trainer.progress=plain
 else
-  timeout -s TERM -k 60 "$seconds" python -m runner -m "$@" trainer.progress=plain "output_root=$work"
+  run_for -m "$@" trainer.progress=plain "output_root=$work"
 fi
 echo "runner exit code $?"
 tar -cf - -C "$work" multirun | split -b 15M -d - "$OUT/$name.tar.part"

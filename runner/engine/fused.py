@@ -214,10 +214,23 @@ class FusedStep:
             out = outputs(params, inputs)
             return family.loss_sum(out, inputs), family.carried(out)
 
-        # Every job's forward pass (and its loss, where all jobs have the same) as one batched call.
-        self.forward = vmap(loss if self.same_loss else outputs)
-        if compiled:
-            self.forward = torch.compile(self.forward)
+        loss_families = [t.family if t is not None else family for t in self.slots]  # a closed slot: any loss
+
+        def losses(params: dict[str, Tensor], inputs: list[Any]) -> tuple[Tensor, Any]:
+            """Every job's loss sum [jobs] and carried state; the forward passes (and the loss, where
+            every job has the same) as one batched call."""
+            stacked = stack_trees(inputs)
+            if self.same_loss:
+                sums, carried = vmap(loss)(params, stacked)
+                return sums.float(), carried
+            batched = vmap(outputs)(params, stacked)
+            sums = [f.loss_sum(tree_map(lambda o, j=j: o[j], batched), inputs[j]).float()
+                    for j, f in enumerate(loss_families)]
+            return torch.stack(sums), family.carried(batched)
+
+        # Compiled, the inputs' stacking, the batched forward and every job's loss become generated
+        # kernels (each job's own loss, run eagerly, would be dozens of tiny launches per job).
+        self.losses = torch.compile(losses) if compiled else losses
         # Jobs of one optimizer setting step as one optimizer over the stack (StackedOptimizer);
         # else, with trainer.compile_optimizer, every job's optimizer step in one compiled call
         # (compiled one by one, each would be a recompilation of its own); else each its own.
@@ -269,14 +282,7 @@ class FusedStep:
         lead = next(f for f in families if f is not None)
         with autocast(self.device, self.precision, cache_enabled=False):
             inputs = [(f or lead).train_inputs(b) for f, b in zip(families, batches)]
-            batched = self.forward(self.stacks.stacked, stack_trees(inputs))
-            if self.same_loss:
-                losses, carried = batched
-                losses = losses.float()
-            else:
-                losses = torch.stack([(f or lead).loss_sum(tree_map(lambda o, j=j: o[j], batched), inputs[j]).float()
-                                      for j, f in enumerate(families)])
-                carried = lead.carried(batched)
+            losses, carried = self.losses(self.stacks.stacked, inputs)
             for j, f in enumerate(families):  # each job's recurrent state, if any, for its next step
                 if f is not None:
                     f.keep(tree_map(lambda c, j=j: c[j], carried))
