@@ -75,6 +75,8 @@ class TrainerConfig:
     compile: bool = False  # torch.compile the model
     # torch.compile the optimizer step as well: on a small model fused Adam's one kernel keeps only
     # a few of the GPU's SMs busy (benchmarks/profile_fused.py); generated kernels spread it out.
+    # Made for the captured step (cuda_graph), whose lr is a device tensor: without it, a schedule
+    # that changes the lr every step makes torch.compile recompile the step for each new value.
     compile_optimizer: bool = False
     cuda_graph: bool = False  # capture the whole optimizer step in one CUDA graph (small models)
     steps_per_graph: int = 1  # with cuda_graph and data_on_device: optimizer steps per graph launch

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
+from runner.build import plain
 from runner.config import Config, Mode, Strategy
 from runner.engine import checkpoint as ckpt
 from runner.engine import compat, devices
@@ -183,8 +184,6 @@ class StackedOptimizer:
 def stackable_optimizers(configs: Sequence[Config], optimizers: Sequence[torch.optim.Optimizer]) -> bool:
     """Whether the jobs' optimizers can step as one (StackedOptimizer): one elementwise class,
     the same settings."""
-    from runner.build import plain
-
     first = plain(configs[0].optim)
     return (all(type(o) is type(optimizers[0]) for o in optimizers) and isinstance(optimizers[0], ELEMENTWISE)
             and all(plain(c.optim) == first for c in configs))
