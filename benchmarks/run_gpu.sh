@@ -26,7 +26,7 @@ if part fashion_resnet; then python -m runner experiment=fashion_resnet dataset.
 if part classify_eval; then python benchmarks/classification_eval.py --fashion .gpu_data/fashion-mnist --out "$OUT/classify_eval.json" > "$OUT/classify_eval.log" 2>&1; show "$OUT/classify_eval.log" 5; fi
 if part charlm; then python benchmarks/char_lstm.py --out "$OUT/char_lstm.json" > "$OUT/char_lstm.log" 2>&1; show "$OUT/char_lstm.log" 6; fi
 if part profile; then python benchmarks/profile_steps.py --out "$OUT/profile.json" > "$OUT/profile.log" 2>&1; grep "^IWAE\|^DenseNet" "$OUT/profile.log"; fi
-if part fused; then python benchmarks/fused.py --steps 10000 --out "$OUT/fused.json" > "$OUT/fused.log" 2>&1; show "$OUT/fused.log" 16; fi
+if part fused; then python benchmarks/fused.py --steps 10000 --jobs 8 --rows a,c,d,e,f --out "$OUT/fused.json" > "$OUT/fused.log" 2>&1; show "$OUT/fused.log" 16; fi
 if part profile_fused; then for opt in "" --compile-optimizer; do
     python benchmarks/profile_fused.py --jobs 1,8 $opt --out "$OUT/profile_fused$opt.json" > "$OUT/profile_fused$opt.log" 2>&1
     grep -A4 "^jobs" "$OUT/profile_fused$opt.log"; done; fi
