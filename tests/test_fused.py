@@ -67,7 +67,7 @@ def test_fused_regression_jobs_equal_their_runs_alone(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     table = pd.read_csv(folder / "summary.csv")
     assert list(table["status"]) == ["completed"] * 4
-    assert "fused group of 4 jobs" in (folder / "0" / "run.log").read_text()
+    assert "fused group of 4 jobs (each job steps its own optimizer" in (folder / "0" / "run.log").read_text()
     for job, (seed, lr) in [(3, (1, 0.02))]:  # one of the four, to keep the test short
         code, alone = run_in_process(tmp_path / f"alone{job}", *REGRESSION, f"trainer.seed={seed}", f"optim.lr={lr}")
         assert code == 0

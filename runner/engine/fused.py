@@ -353,7 +353,8 @@ def run_group(jobs: Sequence[tuple[Config, Path, dict[str, str], Any]]) -> list[
                              [life.config for life in lives if life.trainer is not None],
                              [t.optimizer for t in trainers]))
         log.info("fused group of %d jobs%s: %s", len(trainers),
-                 " (one optimizer over the stack)" if step.stacked_optimizer is not None else "",
+                 " (one optimizer over the stack)" if step.stacked_optimizer is not None
+                 else " (each job steps its own optimizer)",
                  ", ".join(str(t.run_dir) for t in trainers))
         try:
             with SignalFlag() as stop:
