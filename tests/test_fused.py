@@ -228,7 +228,7 @@ def test_one_optimizer_over_the_stack_steps_each_job_bitwise_as_its_own(optimize
     steps, then a resumed group (the jobs' states loaded, stacked again): bitwise equal weights
     and state; each job's state dict holds its own slices."""
     from runner.engine.checkpoint import own_optimizer_storage
-    from runner.engine.fused import StackedOptimizer
+    from runner.engine.stacked_optimizer import StackedOptimizer
 
     models, optimizers, stacks = models_and_optimizers(optimizer_class, **kwargs)
     alone_models, alone_optimizers, _ = models_and_optimizers(optimizer_class, **kwargs)

@@ -57,7 +57,7 @@ def own_storage(tensors: dict[str, Any]) -> dict[str, Any]:
 
 def own_optimizer_storage(state_dict: dict[str, Any]) -> dict[str, Any]:
     """An optimizer's state dict with its state tensors copied out of larger storages (a fused
-    group's jobs keep slices of one stacked state: runner/engine/fused.py StackedOptimizer)."""
+    group's jobs keep slices of one stacked state: runner/engine/stacked_optimizer.py)."""
     return {**state_dict, "state": {i: own_storage(state) for i, state in state_dict["state"].items()}}
 
 
