@@ -205,16 +205,16 @@ def test_a_compiled_optimizer_steps_like_the_eager_one_alone_and_fused(tmp_path)
     assert_same_as_alone(last(folder / "1"), last(alone), 1e-5)
 
 
-def models_and_optimizers(optimizer_class, jobs=3, **kwargs):
+def models_and_optimizers(optimizer_class, jobs=3, stacked=True, **kwargs):
     """``jobs`` small models (a layer with a 2-D weight and a bias, and a second layer) with one
-    optimizer each, their parameters stacked as a fused group stacks them."""
+    optimizer each; ``stacked``: their parameters stacked as a fused group stacks them."""
     from runner.engine.fused import StackedParameters
 
     models = []
     for seed in range(jobs):
         torch.manual_seed(seed)
         models.append(torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)))
-    stacks = StackedParameters(models)
+    stacks = StackedParameters(models) if stacked else None
     return models, [optimizer_class(m.parameters(), **kwargs) for m in models], stacks
 
 
@@ -231,7 +231,7 @@ def test_one_optimizer_over_the_stack_steps_each_job_bitwise_as_its_own(optimize
     from runner.engine.stacked_optimizer import StackedOptimizer
 
     models, optimizers, stacks = models_and_optimizers(optimizer_class, **kwargs)
-    alone_models, alone_optimizers, _ = models_and_optimizers(optimizer_class, **kwargs)
+    alone_models, alone_optimizers, _ = models_and_optimizers(optimizer_class, stacked=False, **kwargs)  # plain models
     generator = torch.Generator().manual_seed(0)
 
     def steps(group, optimizers, stacks, lrs):

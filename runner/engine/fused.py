@@ -46,6 +46,12 @@ from runner.engine.stacked_optimizer import StackedOptimizer, stackable_optimize
 log = logging.getLogger("runner")
 
 
+def family_module(config: Config) -> Any:
+    """The module of the job's family (runner/families/), None for a user's dataset."""
+    name = compat.family_of_dataset(config.dataset)
+    return compat.module_of(name) if name else None
+
+
 def fusion_blocker(config: Config) -> str | None:
     """Why this job cannot train fused with others, or None where it can (checked on the config,
     before anything is built)."""
@@ -56,10 +62,10 @@ def fusion_blocker(config: Config) -> str | None:
         return "device=ddp runs one job over several processes"
     if t.accumulate_grad_batches != 1 or t.skip_nonfinite or t.precision == "16":
         return "fused steps need accumulate_grad_batches=1, skip_nonfinite=false and a precision other than 16"
-    name = compat.family_of_dataset(config.dataset)
-    blocker = getattr(compat.module_of(name), "fusion_blocker", None) if name else None
+    module = family_module(config)
+    blocker = getattr(module, "fusion_blocker", None)
     if blocker is None:
-        return f"the {name or 'user-defined'} family does not fuse"
+        return f"the {module.__name__.rpartition('.')[2] if module else 'user-defined'} family does not fuse"
     return blocker(config.model, config.loss)
 
 
@@ -312,9 +318,7 @@ def fusion_key(config: Config) -> str:
     from omegaconf import OmegaConf
 
     settings = OmegaConf.to_container(OmegaConf.structured(config), resolve=True)
-    family = compat.family_of_dataset(config.dataset)
-    padded_keys = getattr(compat.module_of(family), "FUSION_PADDED", ()) if family else ()
-    for key in (*FREE_KEYS, *padded_keys):
+    for key in (*FREE_KEYS, *getattr(family_module(config), "FUSION_PADDED", ())):
         *path, last = key.split(".")
         node = settings
         for part in path:
