@@ -2,14 +2,14 @@
 one stochastic layer, MNIST, TF32, the captured step with 10 steps per launch. Aggregate
 model-steps/s (jobs x each job's steps/s) of:
 
-(a) the best single path (``experiment=iwae_paper``'s GPU default: + torch.compile), which is also
-    the rate of the same jobs run one after another (start-up left out);
+(a) the single path with torch.compile and torch's fused Adam, which is also the rate of the same
+    jobs run one after another (start-up left out);
 (b) the same without compile (the fused step is not compiled unless asked);
 (c) 1, 2, 4, 8, 16 jobs fused by ``hydra/launcher=fused`` (different seeds);
 (d) the fused jobs (each count of ``--jobs`` from 2 on) with ``trainer.compile=true``;
 (e) 8 jobs in 8 processes at once through the joblib launcher (``hydra/launcher=parallel``);
 (f) (a) and (d) with ``trainer.compile_optimizer=true`` (fused Adam's kernel keeps few SMs busy
-    on this model: benchmarks/profile_fused.py).
+    on this model: benchmarks/profile_fused.py); (f) single is ``experiment=iwae_paper``'s GPU default.
 ``--rows`` picks rows by letter (default: all).
 
 ``--family charlm``: the same table for the char-LSTM 2x128 (Tiny Shakespeare, batch 50, 50

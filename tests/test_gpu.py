@@ -71,7 +71,9 @@ def test_cuda_graph_char_lstm_carries_state_like_eager(tmp_path):
 def test_iwae_paper_defaults_to_the_captured_step_on_a_gpu():
     t = compose("experiment=iwae_paper", "device=gpu").trainer
     assert t.cuda_graph is True and t.data_on_device is True and t.compile is True and t.steps_per_graph == 10
-    assert compose("experiment=iwae_paper", "device=cpu").trainer.cuda_graph is False
+    assert t.compile_optimizer is True
+    on_cpu = compose("experiment=iwae_paper", "device=cpu").trainer
+    assert on_cpu.cuda_graph is False and on_cpu.compile_optimizer is False
 
 
 def test_cuda_graph_densenet_with_batchnorm_trains_like_eager(tmp_path):
