@@ -72,7 +72,7 @@ class TrainerConfig:
     ckpt_every_n_steps: int = 0  # 0 = at each epoch end only
     num_workers: int = 0
     skip_nonfinite: bool = False
-    compile: bool = False  # torch.compile the model
+    compile: bool = False  # torch.compile the training step's model (and loss: runner/engine/run.py make_trainer)
     # torch.compile the optimizer step as well: on a small model fused Adam's one kernel keeps only
     # a few of the GPU's SMs busy (benchmarks/profile_fused.py); generated kernels spread it out.
     # Made for the captured step (cuda_graph), whose lr is a device tensor: without it, a schedule

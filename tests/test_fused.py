@@ -205,6 +205,26 @@ def test_a_compiled_optimizer_steps_like_the_eager_one_alone_and_fused(tmp_path)
     assert_same_as_alone(last(folder / "1"), last(alone), 1e-5)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", [
+    [*IWAE, "loss=iwae"],
+    ["experiment=char_lstm", "device=cpu", "trainer.progress=none", "trainer.max_epochs=1", "trainer.max_steps=20",
+     "model.impl=manual", "model.sample_length=20"]], ids=["iwae", "char_lstm"])
+def test_a_compiled_step_trains_like_the_eager_one_and_fuses_like_it(tmp_path, preset):
+    """trainer.compile=true compiles a step-in-parts family's model and loss as one function (the
+    recurrent state it carries included): the run takes the eager run's steps (to float rounding),
+    and a compiled fused group equals its jobs run alone compiled."""
+    code, eager = run_in_process(tmp_path / "eager", *preset, "trainer.seed=1")
+    assert code == 0
+    code, alone = run_in_process(tmp_path / "alone", *preset, "trainer.compile=true", "trainer.seed=1")
+    assert code == 0
+    assert relative_difference(last(alone)["model"], last(eager)["model"]) < 1e-5
+    done, folder = sweep(tmp_path, *preset, "trainer.compile=true", "trainer.seed=0,1")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "fused group of 2 jobs" in (folder / "0" / "run.log").read_text()
+    assert relative_difference(last(folder / "1")["model"], last(alone)["model"]) < 1e-5
+
+
 def models_and_optimizers(optimizer_class, jobs=3, stacked=True, **kwargs):
     """``jobs`` small models (a layer with a 2-D weight and a bias, and a second layer) with one
     optimizer each; ``stacked``: their parameters stacked as a fused group stacks them."""

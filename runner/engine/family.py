@@ -129,11 +129,20 @@ class StepInParts(Family):
     """A family whose training step comes in parts (see the module docstring): the engine's
     ``train_loss`` is built from them, and fused jobs (runner/engine/fused.py) call them apart."""
 
+    # trainer.compile (one process): model_and_loss compiled as one function (runner/engine/run.py
+    # make_trainer), so that the loss's small elementwise kernels fuse with the model's.
+    compiled_model_and_loss: Callable[[Any, Any], tuple[Tensor, tuple[Tensor, ...]]] | None = None
+
     def train_loss(self, batch: Any) -> tuple[Tensor, int | Tensor]:
         inputs = self.train_inputs(batch)
-        outputs = self.forward(self.model, inputs)
-        self.keep(self.carried(outputs))
-        return self.loss_sum(outputs, inputs), self.units(inputs)
+        loss_sum, carried = (self.compiled_model_and_loss or self.model_and_loss)(self.model, inputs)
+        self.keep(carried)
+        return loss_sum, self.units(inputs)
+
+    def model_and_loss(self, model: Any, inputs: Any) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """The step's deterministic part: the loss sum and the state carried to the next step."""
+        outputs = self.forward(model, inputs)
+        return self.loss_sum(outputs, inputs), self.carried(outputs)
 
     @abstractmethod
     def train_inputs(self, batch: Any) -> Any:

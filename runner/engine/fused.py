@@ -141,8 +141,7 @@ class FusedStep:
             return family.forward(lambda *args, **kwargs: functional_call(model, params, args, kwargs), inputs)
 
         def loss(params: dict[str, Tensor], inputs: Any) -> tuple[Tensor, Any]:
-            out = outputs(params, inputs)
-            return family.loss_sum(out, inputs), family.carried(out)
+            return family.model_and_loss(lambda *args, **kwargs: functional_call(model, params, args, kwargs), inputs)
 
         loss_families = [t.family if t is not None else family for t in self.slots]  # a closed slot: any loss
 

@@ -24,7 +24,7 @@ from runner.engine import checkpoint as ckpt
 from runner.engine import devices
 from runner.engine.devices import DeviceContext
 from runner.engine.evaluate import evaluate
-from runner.engine.family import DataBundle, Family
+from runner.engine.family import DataBundle, Family, StepInParts
 from runner.engine.loop import Trainer
 from runner.engine.precision import set_matmul_precision
 from runner.engine.predict import predict
@@ -170,7 +170,11 @@ def make_trainer(config: Config, family: Family, bundle: DataBundle, ctx: Device
         t.max_epochs = run_epochs(config.schedule)
         if t.max_epochs is None:
             raise UserError("trainer.max_epochs=null needs a schedule that sets the length (schedule=iwae_paper)")
-    if t.compile:
+    if t.compile and isinstance(family, StepInParts) and not ctx.distributed:
+        # The model and its loss as one compiled function: the loss's elementwise tail (IWAE's
+        # logsumexp, the cross-entropy) fuses with the model's last kernels instead of running eagerly.
+        family.compiled_model_and_loss = torch.compile(family.model_and_loss)
+    elif t.compile:
         family.model = torch.compile(family.model)
     family.model = ctx.wrap(family.model, config.device.sync_batchnorm)
     meta = {"model_target": compat.target_of(config.model),
