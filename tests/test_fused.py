@@ -225,6 +225,20 @@ def test_a_compiled_step_trains_like_the_eager_one_and_fuses_like_it(tmp_path, p
     assert relative_difference(last(folder / "1")["model"], last(alone)["model"]) < 1e-5
 
 
+@pytest.mark.slow
+def test_a_compiled_dreg_step_keeps_its_gradient_hook(tmp_path):
+    """DReG's encoder gradient comes from a tensor hook inside the loss, which trainer.compile now
+    compiles with the model: the compiled run takes the eager DReG run's steps, not IWAE's."""
+    runs = {}
+    for name, extra in (("eager", ["loss=dreg"]), ("compiled", ["loss=dreg", "trainer.compile=true"]),
+                        ("iwae", ["loss=iwae"])):
+        code, runs[name] = run_in_process(tmp_path / name, *IWAE, *extra, "trainer.seed=1")
+        assert code == 0
+    compiled = last(runs["compiled"])["model"]
+    assert relative_difference(compiled, last(runs["eager"])["model"]) < 1e-5
+    assert relative_difference(compiled, last(runs["iwae"])["model"]) > 1e-3
+
+
 def models_and_optimizers(optimizer_class, jobs=3, stacked=True, **kwargs):
     """``jobs`` small models (a layer with a 2-D weight and a bias, and a second layer) with one
     optimizer each; ``stacked``: their parameters stacked as a fused group stacks them."""
