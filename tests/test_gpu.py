@@ -212,6 +212,20 @@ def test_compiled_optimizer_in_a_captured_step_trains_like_fused_adam(tmp_path):
     assert relative_weight_difference(second, first) <= 1e-4
 
 
+@pytest.mark.parametrize("loss", ["iwae", "dreg"])
+def test_a_compiled_captured_step_trains_like_the_uncompiled_one(tmp_path, loss):
+    """trainer.compile=true compiles the model and its loss as one function, inside the CUDA graph
+    (DReG's gradient hook included); fp32, 40 steps, the weights as a whole (rounding, as above)."""
+    common = ("experiment=iwae_silhouettes", "device=gpu", "trainer.progress=none", "trainer.batch_size=20",
+              "loss.k=50", "loss.eval_k=100", "trainer.max_epochs=2", "trainer.max_steps=40", f"loss={loss}",
+              "trainer.cuda_graph=true", "trainer.data_on_device=true", "trainer.steps_per_graph=5")
+    code, first = run_in_process(tmp_path / "first", *common)
+    assert code == 0
+    code, second = run_in_process(tmp_path / "second", *common, "trainer.compile=true")
+    assert code == 0
+    assert relative_weight_difference(second, first) <= 1e-4
+
+
 def test_fused_group_with_a_compiled_optimizer_equals_its_jobs_alone(tmp_path):
     """The group steps every job's optimizer in one compiled call; each job as alone with the same setting."""
     from conftest import run_cli
