@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -137,11 +137,15 @@ class FusedStep:
         self.same_loss = all(type(t.family.loss) is type(family.loss) and repr(t.family.loss) == repr(family.loss)
                              for t in live)
 
+        def with_params(params: dict[str, Tensor]) -> Callable[..., Any]:
+            """The model called with one job's parameters (a slice of the stack, under vmap)."""
+            return lambda *args, **kwargs: functional_call(model, params, args, kwargs)
+
         def outputs(params: dict[str, Tensor], inputs: Any) -> Any:
-            return family.forward(lambda *args, **kwargs: functional_call(model, params, args, kwargs), inputs)
+            return family.forward(with_params(params), inputs)
 
         def loss(params: dict[str, Tensor], inputs: Any) -> tuple[Tensor, Any]:
-            return family.model_and_loss(lambda *args, **kwargs: functional_call(model, params, args, kwargs), inputs)
+            return family.model_and_loss(with_params(params), inputs)
 
         loss_families = [t.family if t is not None else family for t in self.slots]  # a closed slot: any loss
 
