@@ -75,7 +75,8 @@ def main() -> None:
     args = parser.parse_args()
     rows = set(args.rows.split(","))
     if not rows <= set("abcdef"):
-        parser.error(f"--rows {args.rows}: rows are letters among a,b,c,d,e,f")
+        print(f"error: --rows {args.rows}: rows are letters among a,b,c,d,e,f", file=sys.stderr)  # one line, exit 2
+        sys.exit(2)
     charlm = args.family == "charlm"
     batch, unit = (50, "tokens") if charlm else (20, "samples")
     per_step = batch * (50 if charlm else 1)  # a char-LSTM step is batch x 50 characters

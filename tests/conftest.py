@@ -70,3 +70,12 @@ def only_run_folder(output_root: Path) -> Path:
     runs = sorted((output_root / "runs").iterdir())
     assert len(runs) == 1, runs
     return runs[0]
+
+
+def relative_difference(a: dict, b: dict) -> float:
+    """||a - b|| / ||b|| over every tensor of two state dicts (b's keys)."""
+    import torch
+
+    flat_a = torch.cat([a[k].double().flatten() for k in b])
+    flat_b = torch.cat([b[k].double().flatten() for k in b])
+    return float((flat_a - flat_b).norm() / flat_b.norm())

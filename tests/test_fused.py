@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import ROOT, run_cli, run_in_process
+from conftest import ROOT, relative_difference, run_cli, run_in_process
 
 REGRESSION = ["experiment=regression", "device=cpu", "trainer.progress=none", "trainer.max_epochs=3"]
 # 20 steps: IWAE's training amplifies float rounding (a 1-ulp change of every weight of a run
@@ -31,13 +31,6 @@ def sweep(tmp_path, *args):
 
 def last(folder):
     return torch.load(folder / "checkpoints" / "last.pt", weights_only=True)
-
-
-def relative_difference(a: dict, b: dict) -> float:
-    """||a - b|| / ||b|| over every tensor of two state dicts."""
-    flat_a = torch.cat([a[k].double().flatten() for k in b])
-    flat_b = torch.cat([b[k].double().flatten() for k in b])
-    return float((flat_a - flat_b).norm() / flat_b.norm())
 
 
 def assert_same_as_alone(fused, alone, tolerance):
@@ -237,6 +230,13 @@ def test_a_compiled_dreg_step_keeps_its_gradient_hook(tmp_path):
     compiled = last(runs["compiled"])["model"]
     assert relative_difference(compiled, last(runs["eager"])["model"]) < 1e-5
     assert relative_difference(compiled, last(runs["iwae"])["model"]) > 1e-3
+
+
+def test_the_fused_benchmark_refuses_unknown_rows():
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fused.py"), "--rows", "a,z"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip() == "error: --rows a,z: rows are letters among a,b,c,d,e,f"
 
 
 def models_and_optimizers(optimizer_class, jobs=3, stacked=True, **kwargs):

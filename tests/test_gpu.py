@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import compose, run_in_process
+from conftest import compose, relative_difference, run_cli, run_in_process
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -18,17 +18,28 @@ def weights(run_dir):
 
 def relative_weight_difference(run_dir, reference_dir) -> float:
     """||w - w_ref|| / ||w_ref|| over all final weights of two runs."""
-    a, b = weights(run_dir), weights(reference_dir)
-    a, b = (torch.cat([w[k].flatten() for k in b]) for w in (a, b))
-    return float((a - b).norm() / b.norm())
+    return relative_difference(weights(run_dir), weights(reference_dir))
 
 
-def same_training(tmp_path, common, changed, rtol, atol):
-    """Run ``common`` and ``common + changed``; assert the final weights agree; return both run folders."""
+# IWAE k=50 on the silhouettes, captured with 5 steps per launch, fp32, 40 steps: the settings of
+# the tests that compare a faster path (fused, compiled) with the plain captured step.
+IWAE_CAPTURED = ("experiment=iwae_silhouettes", "device=gpu", "trainer.progress=none", "trainer.batch_size=20",
+                 "loss.k=50", "loss.eval_k=100", "trainer.max_epochs=2", "trainer.max_steps=40",
+                 "trainer.cuda_graph=true", "trainer.data_on_device=true", "trainer.steps_per_graph=5")
+
+
+def two_runs(tmp_path, common, changed):
+    """Run ``common`` and ``common + changed``; both run folders."""
     code, first = run_in_process(tmp_path / "first", *common)
     assert code == 0
     code, second = run_in_process(tmp_path / "second", *common, *changed)
     assert code == 0
+    return first, second
+
+
+def same_training(tmp_path, common, changed, rtol, atol):
+    """Run ``common`` and ``common + changed``; assert the final weights agree; return both run folders."""
+    first, second = two_runs(tmp_path, common, changed)
     a, b = weights(first), weights(second)
     for name in a:
         torch.testing.assert_close(b[name].float(), a[name].float(), rtol=rtol, atol=atol)
@@ -170,45 +181,32 @@ def test_captured_one_cycle_without_momentum_cycling_runs(tmp_path):
 def test_fused_captured_iwae_jobs_equal_their_captured_runs_alone(tmp_path):
     """hydra/launcher=fused on a GPU: graph-captured steps, several per launch, each job drawing
     from its own CUDA generator (registered with the graph), in fp32: each job as alone."""
-    from conftest import run_cli
-
-    common = ["experiment=iwae_silhouettes", "device=gpu", "trainer.progress=none", "trainer.batch_size=20",
-              "loss.k=50", "loss.eval_k=100", "trainer.max_epochs=2", "trainer.max_steps=40",
-              "trainer.cuda_graph=true", "trainer.data_on_device=true", "trainer.steps_per_graph=5"]
-    done = run_cli("-m", "hydra/launcher=fused", *common, "trainer.seed=0,1", "loss=iwae",
+    done = run_cli("-m", "hydra/launcher=fused", *IWAE_CAPTURED, "trainer.seed=0,1", "loss=iwae",
                    f"output_root={tmp_path / 'fused'}")
     assert done.returncode == 0, done.stderr[-3000:]
     (sweep,) = (tmp_path / "fused" / "multirun").iterdir()
     assert "fused group of 2 jobs" in (sweep / "0" / "run.log").read_text()
     for seed in (0, 1):
-        code, alone = run_in_process(tmp_path / f"alone{seed}", *common, f"trainer.seed={seed}")
+        code, alone = run_in_process(tmp_path / f"alone{seed}", *IWAE_CAPTURED, f"trainer.seed={seed}")
         assert code == 0
         fused = torch.load(sweep / str(seed) / "checkpoints" / "last.pt", weights_only=True, map_location="cpu")
         ref = torch.load(alone / "checkpoints" / "last.pt", weights_only=True, map_location="cpu")
         assert fused["loop"]["step"] == ref["loop"]["step"] == 40
         assert torch.equal(fused["rng"]["cuda"][0], ref["rng"]["cuda"][0])  # the same draws, in the same number
-        a = torch.cat([fused["model"][k].flatten() for k in ref["model"]])
-        b = torch.cat([ref["model"][k].flatten() for k in ref["model"]])
         # Batched and single cuBLAS kernels round differently and IWAE amplifies it step by step
         # (on the CPU as much as a 1-ulp change of every weight of the run alone): 1.3e-5 measured
         # on an H200 at 40 steps. A wrong stream or gradient division differs by far more.
-        assert float((a - b).norm() / b.norm()) <= 1e-4
+        assert relative_difference(fused["model"], ref["model"]) <= 1e-4
 
 
 def test_compiled_optimizer_in_a_captured_step_trains_like_fused_adam(tmp_path):
     """trainer.compile_optimizer=true: capturable foreach Adam compiled, inside the CUDA graph,
     against fused Adam's kernel (the default captured step), fp32, 40 steps of IWAE."""
-    common = ("experiment=iwae_silhouettes", "device=gpu", "trainer.progress=none", "trainer.batch_size=20",
-              "loss.k=50", "loss.eval_k=100", "trainer.max_epochs=2", "trainer.max_steps=40",
-              "trainer.cuda_graph=true", "trainer.data_on_device=true", "trainer.steps_per_graph=5")
     # Two implementations of Adam (fused CUDA kernel, generated kernels) round differently from the
     # first step, and IWAE's training amplifies rounding (tests/test_fused.py): elementwise, 25 of
     # 156,800 weights were 7.5e-5 apart after 40 steps on an H200. The weights as a whole, as the
     # fused tests compare them.
-    code, first = run_in_process(tmp_path / "first", *common)
-    assert code == 0
-    code, second = run_in_process(tmp_path / "second", *common, "trainer.compile_optimizer=true")
-    assert code == 0
+    first, second = two_runs(tmp_path, IWAE_CAPTURED, ("trainer.compile_optimizer=true",))
     assert relative_weight_difference(second, first) <= 1e-4
 
 
@@ -216,24 +214,13 @@ def test_compiled_optimizer_in_a_captured_step_trains_like_fused_adam(tmp_path):
 def test_a_compiled_captured_step_trains_like_the_uncompiled_one(tmp_path, loss):
     """trainer.compile=true compiles the model and its loss as one function, inside the CUDA graph
     (DReG's gradient hook included); fp32, 40 steps, the weights as a whole (rounding, as above)."""
-    common = ("experiment=iwae_silhouettes", "device=gpu", "trainer.progress=none", "trainer.batch_size=20",
-              "loss.k=50", "loss.eval_k=100", "trainer.max_epochs=2", "trainer.max_steps=40", f"loss={loss}",
-              "trainer.cuda_graph=true", "trainer.data_on_device=true", "trainer.steps_per_graph=5")
-    code, first = run_in_process(tmp_path / "first", *common)
-    assert code == 0
-    code, second = run_in_process(tmp_path / "second", *common, "trainer.compile=true")
-    assert code == 0
+    first, second = two_runs(tmp_path, (*IWAE_CAPTURED, f"loss={loss}"), ("trainer.compile=true",))
     assert relative_weight_difference(second, first) <= 1e-4
 
 
 def test_fused_group_with_a_compiled_optimizer_equals_its_jobs_alone(tmp_path):
     """The group steps every job's optimizer in one compiled call; each job as alone with the same setting."""
-    from conftest import run_cli
-
-    common = ["experiment=iwae_silhouettes", "device=gpu", "trainer.progress=none", "trainer.batch_size=20",
-              "loss.k=50", "loss.eval_k=100", "trainer.max_epochs=2", "trainer.max_steps=40",
-              "trainer.cuda_graph=true", "trainer.data_on_device=true", "trainer.steps_per_graph=5",
-              "trainer.compile_optimizer=true"]
+    common = (*IWAE_CAPTURED, "trainer.compile_optimizer=true")
     done = run_cli("-m", "hydra/launcher=fused", *common, "trainer.seed=0,1", f"output_root={tmp_path / 'fused'}")
     assert done.returncode == 0, done.stderr[-3000:]
     (sweep,) = (tmp_path / "fused" / "multirun").iterdir()
