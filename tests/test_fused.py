@@ -3,6 +3,7 @@ equals the same job run alone; a NaN job fails alone; an interrupted group resum
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import subprocess
 import sys
@@ -203,14 +204,16 @@ def test_a_compiled_optimizer_steps_like_the_eager_one_alone_and_fused(tmp_path)
     [*IWAE, "loss=iwae"],
     ["experiment=char_lstm", "device=cpu", "trainer.progress=none", "trainer.max_epochs=1", "trainer.max_steps=20",
      "model.impl=manual", "model.sample_length=20"]], ids=["iwae", "char_lstm"])
-def test_a_compiled_step_trains_like_the_eager_one_and_fuses_like_it(tmp_path, preset):
+def test_a_compiled_step_trains_like_the_eager_one_and_fuses_like_it(tmp_path, preset, caplog):
     """trainer.compile=true compiles a step-in-parts family's model and loss as one function (the
     recurrent state it carries included): the run takes the eager run's steps (to float rounding),
     and a compiled fused group equals its jobs run alone compiled."""
     code, eager = run_in_process(tmp_path / "eager", *preset, "trainer.seed=1")
     assert code == 0
-    code, alone = run_in_process(tmp_path / "alone", *preset, "trainer.compile=true", "trainer.seed=1")
+    with caplog.at_level(logging.INFO, logger="runner"):
+        code, alone = run_in_process(tmp_path / "alone", *preset, "trainer.compile=true", "trainer.seed=1")
     assert code == 0
+    assert "the model and its loss compiled as one function" in caplog.text
     assert relative_difference(last(alone)["model"], last(eager)["model"]) < 1e-5
     done, folder = sweep(tmp_path, *preset, "trainer.compile=true", "trainer.seed=0,1")
     assert done.returncode == 0, done.stderr[-2000:]
@@ -218,18 +221,20 @@ def test_a_compiled_step_trains_like_the_eager_one_and_fuses_like_it(tmp_path, p
     assert relative_difference(last(folder / "1")["model"], last(alone)["model"]) < 1e-5
 
 
-@pytest.mark.slow
-def test_a_compiled_dreg_step_keeps_its_gradient_hook(tmp_path):
-    """DReG's encoder gradient comes from a tensor hook inside the loss, which trainer.compile now
-    compiles with the model: the compiled run takes the eager DReG run's steps, not IWAE's."""
-    runs = {}
-    for name, extra in (("eager", ["loss=dreg"]), ("compiled", ["loss=dreg", "trainer.compile=true"]),
-                        ("iwae", ["loss=iwae"])):
-        code, runs[name] = run_in_process(tmp_path / name, *IWAE, *extra, "trainer.seed=1")
-        assert code == 0
-    compiled = last(runs["compiled"])["model"]
-    assert relative_difference(compiled, last(runs["eager"])["model"]) < 1e-5
-    assert relative_difference(compiled, last(runs["iwae"])["model"]) > 1e-3
+def test_trainer_compile_leaves_a_dreg_step_eager_and_says_so(tmp_path, caplog):
+    """DReG's encoder gradient comes from a tensor hook, which does not survive torch.compile (the
+    model compiled alone hands it no gradient; model and loss compiled as one failed on an H200):
+    trainer.compile=true (iwae_paper's GPU default) warns and trains exactly as the eager run."""
+    code, eager = run_in_process(tmp_path / "eager", *IWAE, "loss=dreg", "trainer.max_steps=4")
+    assert code == 0
+    with caplog.at_level(logging.INFO, logger="runner"):
+        code, asked = run_in_process(tmp_path / "asked", *IWAE, "loss=dreg", "trainer.max_steps=4",
+                                     "trainer.compile=true")
+    assert code == 0
+    assert "trainer.compile=true: loss=dreg's gradient hook does not survive torch.compile; the step runs " \
+           "uncompiled" in caplog.text
+    for name, weight in last(eager)["model"].items():
+        assert torch.equal(last(asked)["model"][name], weight), name
 
 
 def test_the_fused_benchmark_refuses_unknown_rows():

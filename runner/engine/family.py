@@ -132,6 +132,8 @@ class StepInParts(Family):
     # trainer.compile (one process): model_and_loss compiled as one function (runner/engine/run.py
     # make_trainer), so that the loss's small elementwise kernels fuse with the model's.
     compiled_model_and_loss: Callable[[Any, Any], tuple[Tensor, tuple[Tensor, ...]]] | None = None
+    # Why this job's step cannot be compiled (then trainer.compile leaves it eager, with a warning).
+    compile_blocker: str | None = None
 
     def train_loss(self, batch: Any) -> tuple[Tensor, int | Tensor]:
         inputs = self.train_inputs(batch)

@@ -170,12 +170,16 @@ def make_trainer(config: Config, family: Family, bundle: DataBundle, ctx: Device
         t.max_epochs = run_epochs(config.schedule)
         if t.max_epochs is None:
             raise UserError("trainer.max_epochs=null needs a schedule that sets the length (schedule=iwae_paper)")
-    if t.compile and isinstance(family, StepInParts) and not ctx.distributed:
+    if t.compile and isinstance(family, StepInParts) and family.compile_blocker:
+        log.warning("trainer.compile=true: %s; the step runs uncompiled", family.compile_blocker)
+    elif t.compile and isinstance(family, StepInParts) and not ctx.distributed:
         # The model and its loss as one compiled function: the loss's elementwise tail (IWAE's
         # logsumexp, the cross-entropy) fuses with the model's last kernels instead of running eagerly.
         family.compiled_model_and_loss = torch.compile(family.model_and_loss)
+        log.info("trainer.compile: the model and its loss compiled as one function")
     elif t.compile:
         family.model = torch.compile(family.model)
+        log.info("trainer.compile: the model compiled")
     family.model = ctx.wrap(family.model, config.device.sync_batchnorm)
     meta = {"model_target": compat.target_of(config.model),
             "config": OmegaConf.to_yaml(OmegaConf.structured(config), resolve=True)}
