@@ -2,6 +2,8 @@
 
 0 completed; 1 failed at run time; 2 bad config or bad input; 130 / 143 interrupted by SIGINT / SIGTERM.
 """
+from __future__ import annotations
+
 import signal
 
 EXIT_OK = 0
@@ -25,11 +27,12 @@ class UserError(Exception):
 
 
 class Interrupted(Exception):
-    """SIGINT/SIGTERM arrived: the loop finished its step and wrote a checkpoint."""
+    """SIGINT/SIGTERM arrived: the loop finished its step and wrote a checkpoint, or (``during``
+    the test evaluation, after training) the evaluation stopped at once, to be redone on resume."""
 
-    def __init__(self, signum: int):
-        super().__init__(f"interrupted by {signal.Signals(signum).name}")
-        self.signum = signum
+    def __init__(self, signum: int, during: str | None = None):
+        super().__init__(f"interrupted by {signal.Signals(signum).name}" + (f" during {during}" if during else ""))
+        self.signum, self.during = signum, during
 
     @property
     def exit_code(self) -> int:

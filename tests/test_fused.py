@@ -143,6 +143,33 @@ def test_sigterm_stops_a_fused_group_and_resume_continues_it_exactly(tmp_path):
 
 
 @pytest.mark.slow
+def test_sigterm_during_a_fused_groups_test_evaluation_is_recorded_and_resume_evaluates_again(tmp_path):
+    """Training done, job 0 tested, SIGTERM while job 1 is evaluated: job 1 is recorded as interrupted
+    (not left 'running'), the sweep exits 143, and resume= evaluates it as the run alone does."""
+    args = [*IWAE, "dataset.n_test=200", "loss.eval_k=1000", "trainer.seed=0,1"]  # ~2 s a job's evaluation
+    proc = subprocess.Popen([sys.executable, "-m", "runner", "-m", "hydra/launcher=fused", *args,
+                             f"output_root={tmp_path}"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not any('"completed"' in f.read_text()
+                                              for f in tmp_path.glob("multirun/*/0/summary.json")):
+        time.sleep(0.05)  # job 0 completed: job 1's evaluation has begun
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    (folder,) = (tmp_path / "multirun").iterdir()
+    table = pd.read_csv(folder / "summary.csv")
+    assert list(table["status"]) == ["completed", "interrupted"]
+    assert table["error"][1] == "interrupted by SIGTERM during the test evaluation"
+    resumed = run_cli(f"resume={folder}")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    code, alone = run_in_process(tmp_path / "alone", *args[:-1], "trainer.seed=1")
+    assert code == 0
+    ours, theirs = (json.loads((f / "summary.json").read_text())["metrics"] for f in (folder / "1", alone))
+    assert ours["test/nll_k1000"] == pytest.approx(theirs["test/nll_k1000"], rel=1e-6)
+
+
+@pytest.mark.slow
 def test_sigterm_inside_an_epoch_of_a_fused_char_lstm_group_then_resume_is_exact(tmp_path):
     """The carried hidden state of each fused job survives a mid-epoch stop."""
     from runner.data.text import embedded_corpus

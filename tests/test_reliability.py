@@ -84,3 +84,27 @@ def test_first_sigint_asks_to_stop_and_a_second_exits_at_once():
         os.kill(os.getpid(), signal.SIGTERM)  # SIGTERM twice still means "stop after the step"
         assert stop.signum == signal.SIGTERM
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+
+def test_after_training_a_signal_stops_the_evaluation_at_once():
+    """In the test evaluation there is no step to finish: SIGTERM raises at once, and one that came
+    before the evaluation began (while the last job closed) stops the next at its start."""
+    import signal
+
+    from runner.engine.signals import SignalFlag
+    from runner.errors import EXIT_SIGTERM, Interrupted
+
+    with SignalFlag() as stop:
+        with pytest.raises(Interrupted, match="^interrupted by SIGTERM during the test evaluation$") as caught:
+            with stop.immediate("the test evaluation"):
+                os.kill(os.getpid(), signal.SIGTERM)
+                pytest.fail("the evaluation went on after SIGTERM")
+        assert caught.value.exit_code == EXIT_SIGTERM
+        with pytest.raises(Interrupted):
+            with stop.immediate("the test evaluation"):
+                pytest.fail("an evaluation started after the signal")
+    with SignalFlag() as stop:
+        with stop.immediate("the test evaluation"):
+            pass  # no signal: nothing raised
+        os.kill(os.getpid(), signal.SIGTERM)  # outside immediate(): only flagged
+        assert stop.signum == signal.SIGTERM

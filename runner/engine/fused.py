@@ -290,21 +290,23 @@ def run_group(jobs: Sequence[tuple[Config, Path, dict[str, str], Any]]) -> list[
                  " (one optimizer over the stack)" if step.stacked_optimizer is not None
                  else " (each job steps its own optimizer)",
                  ", ".join(str(t.run_dir) for t in trainers))
-        try:
-            with SignalFlag() as stop:
-                fit(trainers, step.take_steps, stop)
-        except (Exception, KeyboardInterrupt) as e:  # the group's step itself failed: every job with it
-            for life in lives:
-                if life.trainer is not None and life.status == "running":
-                    life.fail(e)
-    codes = []
-    for life in lives:
-        if life.trainer is not None and life.status == "running":
+    with SignalFlag() as stop:
+        if trainers:
             try:
-                life.test()
-            except (Exception, KeyboardInterrupt) as e:
-                life.fail(e)
-        codes.append(life.close())
+                fit(trainers, step.take_steps, stop)
+            except (Exception, KeyboardInterrupt) as e:  # the group's step itself failed: every job with it
+                for life in lives:
+                    if life.trainer is not None and life.status == "running":
+                        life.fail(e)
+        codes = []
+        for life in lives:  # a signal during one job's evaluation or close: no later evaluation starts
+            if life.trainer is not None and life.status == "running":
+                try:
+                    with stop.immediate("the test evaluation"):
+                        life.test()
+                except (Exception, KeyboardInterrupt) as e:
+                    life.fail(e)
+            codes.append(life.close())
     devices.shutdown()
     return codes
 

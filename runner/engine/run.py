@@ -306,8 +306,8 @@ class RunLife:
         elif isinstance(e, Interrupted):
             self.status, self.code = "interrupted", e.exit_code
             results.summary["error"] = str(e)
-            console.print(f"[yellow]{e}: checkpoint written to checkpoints/last.pt; continue with "
-                          f"resume={self.run_dir}")
+            done = "training's last checkpoint kept" if e.during else "checkpoint written to checkpoints/last.pt"
+            console.print(f"[yellow]{e}: {done}; continue with resume={self.run_dir}")
         elif isinstance(e, KeyboardInterrupt):
             self.status, self.code = "interrupted", EXIT_SIGINT
             results.summary["error"] = "interrupted by a second SIGINT (no checkpoint of the current step)"
@@ -357,7 +357,10 @@ def run(config: Config, run_dir: Path | None, choices: dict[str, str] | None = N
         if trainer is not None:
             with SignalFlag(distributed=trainer.ctx.distributed) as stop:
                 trainer.fit(stop)
-        life.test()
+                with stop.immediate("the test evaluation"):
+                    life.test()
+        else:
+            life.test()
     except (Exception, KeyboardInterrupt) as e:
         life.fail(e)
     finally:

@@ -1,6 +1,7 @@
 """Ctrl-C and SIGTERM: the first asks the loop to stop after the current step (under DDP, after
 the step of the next vote, within about half a second; see below): it writes a checkpoint and
-exits 130 / 143. A second SIGINT exits at once.
+exits 130 / 143. A second SIGINT exits at once. After training, in the test evaluation
+(``immediate``), there is no step to finish: a signal stops it at once, recorded as interrupted.
 
 Under DDP every rank must stop after the same step, or the one that goes on waits forever in
 its next all-reduce; but the launcher's forwarded signal reaches each worker at its own moment.
@@ -14,15 +15,19 @@ from __future__ import annotations
 
 import signal
 import time
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
+
+from runner.errors import Interrupted
 
 
 class SignalFlag:
     def __init__(self, distributed: bool = False) -> None:
         self.signum: int | None = None
+        self._during: str | None = None  # inside immediate(): what a signal interrupts
         self._previous: dict[int, Any] = {}
         self._group = dist.new_group(backend="gloo") if distributed else None  # collective: every rank calls it
         self._pending: tuple[Any, torch.Tensor] | None = None
@@ -42,6 +47,21 @@ class SignalFlag:
         if self.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signum = signum
+        if self._during is not None:
+            raise Interrupted(signum, self._during)
+
+    @contextmanager
+    def immediate(self, during: str) -> Iterator[None]:
+        """Where there is no step to finish and nothing to save (the test evaluation after
+        training): a signal, or one that came since the loop last looked, stops at once as
+        ``Interrupted``, so the run records it; resume= evaluates again from the last checkpoint."""
+        if self.signum is not None:
+            raise Interrupted(self.signum, during)
+        self._during = during
+        try:
+            yield
+        finally:
+            self._during = None
 
     VOTE_EVERY_S = 0.2
     MAX_STEPS_BETWEEN_VOTES = 100
