@@ -3,7 +3,8 @@
 # side-by-side benchmarks, the JPEG pipeline (and with augmentation, jpeg_aug), fashion_resnet and
 # the classification evaluation (classify_eval), the step profiles and the TF32 accuracy check.
 # Each part's full output goes to $OUT/<part>.log as it runs (kept if the call is cut short);
-# its result lines and table are printed. profile_fused: where a fused group's step time goes.
+# its result lines and table are printed. profile_fused: where a fused group's step time goes;
+# modes: the single IWAE path with the compiled optimizer and with compile_mode (issue 18 item 4).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench-out}; mkdir -p "$OUT"
@@ -35,6 +36,11 @@ if part fused_charlm; then python benchmarks/fused.py --family charlm --steps 40
 # The last GPU-measured tree (.baseline/, git archive <commit> --prefix=.baseline/) against this one.
 if part best; then for tree in .baseline .; do python benchmarks/best_paths.py "$tree" >> "$OUT/best.log" 2>&1; done
   grep "steps/s\|Error" "$OUT/best.log"; fi
+# Issue 18 item 4: the single IWAE path under the settings that may reach 5,500 steps/s, one call.
+if part modes; then for set in "" "trainer.compile_optimizer=true" \
+    "trainer.compile_optimizer=true trainer.compile_mode=max-autotune-no-cudagraphs"; do
+    python benchmarks/best_paths.py . --iwae-only --iwae-set $set >> "$OUT/modes.log" 2>&1; done
+  grep "steps/s\|Error" "$OUT/modes.log"; fi
 # experiments/iwae_paper/README.md: VAE and IWAE (k=50) on Caltech 101 Silhouettes, 3 seeds, fused,
 # the practitioners' schedule (2^i passes at 1e-4 x 10^(-i/7), 255 passes), test NLL with k=5000.
 if part caltech; then python -m runner -m hydra/launcher=fused experiment=iwae_paper dataset=caltech_silhouettes \

@@ -43,6 +43,8 @@ class MonitorMode(Enum):
 
 PRECISIONS = ("32", "tf32", "bf16", "16")
 PROGRESS = ("auto", "rich", "plain", "none")
+# torch.compile's modes; the last two capture CUDA graphs of their own (not inside trainer.cuda_graph's).
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")
 LOGGERS = ("csv", "tensorboard", "mlflow", "wandb")  # the shipped options of the logger group (conf/logger/)
 
 
@@ -73,6 +75,9 @@ class TrainerConfig:
     num_workers: int = 0
     skip_nonfinite: bool = False
     compile: bool = False  # torch.compile the training step's model (and loss: runner/engine/run.py make_trainer)
+    # Its mode: max-autotune-no-cudagraphs generates the matrix products too (Triton, tuned for the
+    # shapes at the start: minutes more compile), with the bias and activation fused into them.
+    compile_mode: str = "default"
     # torch.compile the optimizer step as well: on a small model fused Adam's one kernel keeps only
     # a few of the GPU's SMs busy (benchmarks/profile_fused.py); generated kernels spread it out.
     # Made for the captured step (cuda_graph), whose lr is a device tensor: without it, a schedule

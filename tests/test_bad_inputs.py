@@ -33,6 +33,12 @@ CATALOGUE = [
     (["trainer.precision=8"], "trainer.precision='8' is not known; allowed: 32, tf32, bf16, 16"),
     (["trainer.steps_per_graph=4"], "trainer.steps_per_graph=4 needs trainer.cuda_graph=true"),
     (["trainer.cuda_graph=true"], "trainer.cuda_graph needs a CUDA device"),
+    (["trainer.compile_mode=fast"], "trainer.compile_mode='fast' is not known; allowed: default, "
+                                    "max-autotune-no-cudagraphs, max-autotune, reduce-overhead"),
+    (["trainer.compile_mode=max-autotune-no-cudagraphs"], "trainer.compile_mode=max-autotune-no-cudagraphs is the "
+                                                          "mode of torch.compile: it needs trainer.compile=true"),
+    (["trainer.compile=true", "trainer.compile_mode=reduce-overhead", "trainer.cuda_graph=true"],
+     "trainer.compile_mode=reduce-overhead captures CUDA graphs of its own"),
     (["+trainer.batch_sz=8"], "unknown key 'trainer.batch_sz'; allowed keys of trainer: accumulate_grad_batches"),
     (["+model.width=8"], "unknown key 'model.width'; allowed keys of model: batchnorm, hidden"),
     (["model.hidden=0"], "the model has an empty parameter, 0.weight of shape (0, 8)"),

@@ -210,6 +210,23 @@ def test_fused_char_lstm_jobs_carry_their_own_state_and_equal_their_runs_alone(t
 
 
 @pytest.mark.slow
+def test_max_autotune_compiles_a_step_that_trains_like_the_eager_one_alone_and_fused(tmp_path, caplog):
+    """trainer.compile_mode=max-autotune-no-cudagraphs (the matrix products generated too): the
+    run takes the eager run's steps, and a fused group with it equals its jobs alone with it."""
+    mode = ("trainer.compile=true", "trainer.compile_mode=max-autotune-no-cudagraphs")
+    code, eager = run_in_process(tmp_path / "eager", *IWAE, "trainer.seed=1")
+    assert code == 0
+    with caplog.at_level(logging.INFO, logger="runner"):
+        code, alone = run_in_process(tmp_path / "alone", *IWAE, *mode, "trainer.seed=1")
+    assert code == 0
+    assert "compiled as one function (mode max-autotune-no-cudagraphs)" in caplog.text
+    assert relative_difference(last(alone)["model"], last(eager)["model"]) < 1e-5
+    done, folder = sweep(tmp_path, *IWAE, *mode, "trainer.seed=0,1")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert relative_difference(last(folder / "1")["model"], last(alone)["model"]) < 1e-5
+
+
+@pytest.mark.slow
 def test_a_compiled_optimizer_steps_like_the_eager_one_alone_and_fused(tmp_path):
     """trainer.compile_optimizer=true: the run alone takes the eager optimizer's steps (to float
     rounding), and a fused group, stepping its jobs' optimizers in one compiled call, equals its

@@ -128,7 +128,8 @@ class FusedStep:
     optimizer step."""
 
     def __init__(self, slots: Sequence[Trainer | None], stacks: StackedParameters, *, precision: str,
-                 captured: bool, steps_per_launch: int, compiled: bool, compiled_optimizer: bool = False,
+                 captured: bool, steps_per_launch: int, compiled: bool, compile_mode: str = "default",
+                 compiled_optimizer: bool = False,
                  stacked_optimizer: bool = False):
         self.slots, self.stacks, self.precision = list(slots), stacks, precision
         live = [t for t in self.slots if t is not None]
@@ -163,7 +164,7 @@ class FusedStep:
 
         # Compiled, the inputs' stacking, the batched forward and every job's loss become generated
         # kernels (each job's own loss, run eagerly, would be dozens of tiny launches per job).
-        self.losses = torch.compile(losses) if compiled else losses
+        self.losses = torch.compile(losses, mode=compile_mode) if compiled else losses
         # Jobs of one optimizer setting step as one optimizer over the stack (StackedOptimizer);
         # else, with trainer.compile_optimizer, every job's optimizer step in one compiled call
         # (compiled one by one, each would be a recompilation of its own); else each its own.
@@ -282,6 +283,7 @@ def run_group(jobs: Sequence[tuple[Config, Path, dict[str, str], Any]]) -> list[
         settings = lead.t
         step = FusedStep(slots, stacks, precision=settings.precision, captured=settings.cuda_graph,
                          steps_per_launch=settings.steps_per_graph, compiled=settings.compile,
+                         compile_mode=settings.compile_mode,
                          compiled_optimizer=settings.compile_optimizer,
                          stacked_optimizer=None not in slots and stackable_optimizers(
                              [life.config for life in lives if life.trainer is not None],

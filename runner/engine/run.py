@@ -19,7 +19,7 @@ from rich.console import Console
 
 from runner.engine import compat
 from runner.build import build
-from runner.config import PRECISIONS, PROGRESS, Config, Mode, Strategy, TrainerConfig
+from runner.config import COMPILE_MODES, PRECISIONS, PROGRESS, Config, Mode, Strategy, TrainerConfig
 from runner.engine import checkpoint as ckpt
 from runner.engine import devices
 from runner.engine.devices import DeviceContext
@@ -65,7 +65,7 @@ def validate(config: Config) -> None:
         raise UserError(f"trainer.eval_batch_size={t.eval_batch_size} must be > 0 (or null)")
     if t.max_epochs is not None and t.max_epochs <= 0:
         raise UserError(f"trainer.max_epochs={t.max_epochs} must be > 0 (or null: as long as the schedule says)")
-    for key, allowed in (("precision", PRECISIONS), ("progress", PROGRESS)):
+    for key, allowed in (("precision", PRECISIONS), ("progress", PROGRESS), ("compile_mode", COMPILE_MODES)):
         if str(getattr(t, key)) not in allowed:
             raise UserError(f"trainer.{key}={getattr(t, key)!r} is not known; allowed: {', '.join(allowed)}")
     if t.steps_per_graph < 1:
@@ -73,6 +73,12 @@ def validate(config: Config) -> None:
     if t.steps_per_graph > 1 and not (t.cuda_graph and t.data_on_device):
         raise UserError(f"trainer.steps_per_graph={t.steps_per_graph} needs trainer.cuda_graph=true and "
                         "trainer.data_on_device=true (the batches of a launch are cut on the device)")
+    if t.compile_mode != "default" and not t.compile:
+        raise UserError(f"trainer.compile_mode={t.compile_mode} is the mode of torch.compile: it needs trainer.compile=true")
+    if t.compile_mode in COMPILE_MODES[2:] and t.cuda_graph:
+        raise UserError(f"trainer.compile_mode={t.compile_mode} captures CUDA graphs of its own, which cannot sit inside "
+                        "trainer.cuda_graph's capture: with trainer.cuda_graph=true use "
+                        "trainer.compile_mode=max-autotune-no-cudagraphs")
     if t.compile_optimizer and t.precision == "16":
         raise UserError("trainer.compile_optimizer=true does not combine with trainer.precision=16 (its grad scaler "
                         "steps the optimizer itself); use trainer.precision=bf16, or trainer.compile_optimizer=false")
@@ -175,11 +181,11 @@ def make_trainer(config: Config, family: Family, bundle: DataBundle, ctx: Device
     elif t.compile and isinstance(family, StepInParts) and not ctx.distributed:
         # The model and its loss as one compiled function: the loss's elementwise tail (IWAE's
         # logsumexp, the cross-entropy) fuses with the model's last kernels instead of running eagerly.
-        family.compiled_model_and_loss = torch.compile(family.model_and_loss)
-        log.info("trainer.compile: the model and its loss compiled as one function")
+        family.compiled_model_and_loss = torch.compile(family.model_and_loss, mode=t.compile_mode)
+        log.info("trainer.compile: the model and its loss compiled as one function (mode %s)", t.compile_mode)
     elif t.compile:
-        family.model = torch.compile(family.model)
-        log.info("trainer.compile: the model compiled")
+        family.model = torch.compile(family.model, mode=t.compile_mode)
+        log.info("trainer.compile: the model compiled (mode %s)", t.compile_mode)
     family.model = ctx.wrap(family.model, config.device.sync_batchnorm)
     meta = {"model_target": compat.target_of(config.model),
             "config": OmegaConf.to_yaml(OmegaConf.structured(config), resolve=True)}
