@@ -29,9 +29,22 @@ def sweep_resumed(argv: list[str]) -> list[str]:
         return argv
     from omegaconf import OmegaConf
 
+    from runner.job import override_keys, refuse_unchangeable
+
     sweep = Path(resumes[0]).resolve()
     saved = OmegaConf.load(sweep / "multirun.yaml").hydra.overrides
-    return [argv[0], "-m", *saved.hydra, *saved.task, f"hydra.sweep.dir={sweep}"]
+    # The command line's other overrides apply to every job, as for a resumed run: those that may
+    # change mid-run replace the sweep's own (launcher choices pass: they say how the jobs run).
+    extra = [a for a in argv[1:] if not a.startswith("resume=") and a not in ("-m", "--multirun")]
+    refuse_unchangeable([k for k in override_keys(extra) if not k.startswith("hydra/")])
+    extra.append(f"hydra.sweep.dir={sweep}")
+    given = {key_of(a) for a in extra}
+    kept = [o for o in [*saved.hydra, *saved.task] if key_of(o) not in given]
+    return [argv[0], "-m", *kept, *extra]
+
+
+def key_of(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
 
 
 def main() -> None:

@@ -33,6 +33,15 @@ def override_keys(overrides: Sequence[str]) -> list[str]:
     return [k for k in keys if k != "resume" and not k.startswith("hydra.") and k != "hydra"]
 
 
+def refuse_unchangeable(keys: Sequence[str]) -> None:
+    """Exit 2 (UserError) naming the keys a resumed run or sweep cannot take."""
+    refused = [k for k in keys if not k.startswith(tuple(f"{c}." for c in CHANGEABLE_ON_RESUME))
+               and k not in CHANGEABLE_ON_RESUME]
+    if refused:
+        raise UserError(f"resume= cannot change {', '.join(refused)} (that would be another run); a resumed run "
+                        f"takes only: {', '.join(CHANGEABLE_ON_RESUME)}")
+
+
 def load_resumed_config(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
     """``resume=<run folder>`` continues with the config that run started with, plus the
     overrides that may change mid-run (taken from ``cfg``, composed with them); others exit 2."""
@@ -47,11 +56,7 @@ def load_resumed_config(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig
     if not isinstance(resumed, DictConfig) or "trainer" not in resumed:
         raise UserError(f"resume={folder}: {saved} is empty or not a runner config")
     keys = [k for k in override_keys(overrides) if _value(cfg, k) != _value(resumed, k)]  # what would change
-    refused = [k for k in keys if not k.startswith(tuple(f"{c}." for c in CHANGEABLE_ON_RESUME))
-               and k not in CHANGEABLE_ON_RESUME]
-    if refused:
-        raise UserError(f"resume= cannot change {', '.join(refused)} (that would be another run); a resumed run "
-                        f"takes only: {', '.join(CHANGEABLE_ON_RESUME)}")
+    refuse_unchangeable(keys)
     for key in keys:
         OmegaConf.update(resumed, key, OmegaConf.select(cfg, key), merge=False, force_add=True)
     resumed.resume = str(folder)

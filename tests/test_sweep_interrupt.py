@@ -35,8 +35,18 @@ def test_ctrl_c_stops_the_sweep_and_resume_finishes_it(tmp_path):
     assert not (sweep / "2").exists()  # no later job started
     first = (sweep / "0" / "summary.json").read_bytes()
 
-    resumed = run_cli(f"resume={sweep}")
+    refused = run_cli(f"resume={sweep}", "optim.lr=0.5")  # another run, not a continuation: nothing starts
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines() == [
+        "error: resume= cannot change optim.lr (that would be another run); a resumed run takes only: "
+        "trainer.max_epochs, trainer.max_steps, trainer.log_every_n_steps, trainer.val_every_n_steps, "
+        "trainer.ckpt_every_n_steps, trainer.progress, trainer.num_workers, trainer.eval_batch_size, device, logger"]
+    stopped_at = json.loads((sweep / "1" / "summary.json").read_text())["steps"]
+    resumed = run_cli(f"resume={sweep}", "trainer.log_every_n_steps=7")  # a setting that may change mid-run
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    for job, since in (("1", stopped_at), ("2", 0)):  # the jobs that ran in the resumed sweep log every 7 steps
+        logged = [r["step"] for r in map(json.loads, (sweep / job / "metrics.jsonl").read_text().splitlines())
+                  if r["split"] == "train" and r["step"] > since]
+        assert logged and all(step % 7 == 0 or step == 40 * 32 for step in logged), logged
     table = pd.read_csv(sweep / "summary.csv")
     assert list(table["job"]) == [0, 1, 2] and (table["status"] == "completed").all()
     assert (sweep / "0" / "summary.json").read_bytes() == first  # the completed job was kept as it was
