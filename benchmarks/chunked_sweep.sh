@@ -7,6 +7,8 @@
 # Table 1's one-layer row, for example (one chunk a call):
 #   bash benchmarks/chunked_sweep.sh table1 540 hydra/launcher=fused experiment=iwae_paper \
 #       dataset.root=.gpu_data/mnist model=vae1 loss=elbo,iwae loss.k=1,5,50 trainer.save_top_k=0
+# Later chunks: bash benchmarks/chunked_sweep.sh table1 575 trainer.ckpt_every_n_epochs=100 (overrides
+# after the seconds go to the resumed sweep, which takes those that may change mid-run).
 # Prints each job's step and status; exit 0 while the sweep goes on or when it is done.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -27,7 +29,7 @@ if compgen -G ".gpu_runs/$name.tar.part*" > /dev/null; then
   mkdir -p "$work" && cat ".gpu_runs/$name.tar.part"* | tar -xf - -C "$work"
   sweep=$(ls -d "$work"/multirun/*/ | head -1)
   echo "resuming $sweep"
-  run_for "resume=${sweep%/}" trainer.progress=plain
+  run_for "resume=${sweep%/}" trainer.progress=plain "$@"  # on a resume: overrides that may change mid-run
 else
   run_for -m "$@" trainer.progress=plain "output_root=$work"
 fi

@@ -72,6 +72,9 @@ class TrainerConfig:
     monitor_mode: MonitorMode = MonitorMode.min
     log_every_n_steps: int = 50
     ckpt_every_n_steps: int = 0  # 0 = at each epoch end only
+    # last.pt at every N-th epoch end (and at the run's end, and on a signal): on short epochs
+    # (IWAE's, ~1 s on a GPU) writing every job's checkpoint each epoch costs a few % of the time.
+    ckpt_every_n_epochs: int = 1
     num_workers: int = 0
     skip_nonfinite: bool = False
     compile: bool = False  # torch.compile the training step's model (and loss: runner/engine/run.py make_trainer)
@@ -201,8 +204,21 @@ def run_folder(resume: Optional[str], base: str) -> str:
 
 
 def hydra_subdir(resume: Optional[str]) -> Optional[str]:
-    # A resumed run keeps the .hydra/ of its first start: that is the config it continues.
-    return None if resume or is_nonzero_rank() else ".hydra"
+    # A resumed run keeps the .hydra/ of its first start: that is the config it continues. So does
+    # a job of a resumed sweep that ran before (resume=<sweep folder> replays the sweep's command,
+    # whose composition would otherwise overwrite the job's config with today's presets).
+    return None if resume or is_nonzero_rank() or started_before() else ".hydra"
+
+
+def started_before() -> bool:
+    """Whether the job's output folder (evaluated by Hydra once it is set) holds a run already."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        folder = Path(HydraConfig.get().runtime.output_dir)
+    except Exception:  # not set yet (composition), or no Hydra: a new folder
+        return False
+    return (folder / "summary.json").is_file() and (folder / ".hydra" / "config.yaml").is_file()
 
 
 def on_one_gpu(strategy: Any, yes: Any = True, no: Any = False) -> Any:

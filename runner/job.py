@@ -22,7 +22,8 @@ from runner.loggers.base import JobInfo
 # Overrides a resumed run takes: its length, its logging and checkpoint cadence, where it runs.
 # Everything else (model, data, optimizer, schedule, seed, ...) would make it another run.
 CHANGEABLE_ON_RESUME = ("trainer.max_epochs", "trainer.max_steps", "trainer.log_every_n_steps",
-                        "trainer.val_every_n_steps", "trainer.ckpt_every_n_steps", "trainer.progress",
+                        "trainer.val_every_n_steps", "trainer.ckpt_every_n_steps", "trainer.ckpt_every_n_epochs",
+                        "trainer.progress",
                         "trainer.num_workers", "trainer.eval_batch_size", "device", "logger")
 LENGTH = ("trainer.max_epochs", "trainer.max_steps")
 

@@ -121,3 +121,16 @@ def test_runs_started_in_the_same_second_get_distinct_folders(tmp_path):
     assert names == ["same", "same_1", "same_2"]
     for name in names:
         assert json.loads((tmp_path / "runs" / name / "summary.json").read_text())["status"] == "completed"
+
+
+@pytest.mark.parametrize("every, epochs", [(1, [1, 2, 3, 4, 5]), (2, [2, 4, 5])])
+def test_last_checkpoint_every_n_epochs_and_always_at_the_end(tmp_path, monkeypatch, every, epochs):
+    from runner.engine.loop import Trainer
+
+    written, save = [], Trainer.save
+    monkeypatch.setattr(Trainer, "save", lambda self, name: (written.append((name, self.state.epoch)), save(self, name)))
+    code, run_dir = run_in_process(tmp_path, *FAST, "trainer.max_epochs=5", f"trainer.ckpt_every_n_epochs={every}",
+                                   "trainer.save_top_k=0")
+    assert code == 0
+    assert [epoch for name, epoch in written if name == "last"] == epochs
+    assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["loop"]["epoch"] == 5

@@ -39,10 +39,15 @@ def test_ctrl_c_stops_the_sweep_and_resume_finishes_it(tmp_path):
     assert refused.returncode == 2 and refused.stderr.strip().splitlines() == [
         "error: resume= cannot change optim.lr (that would be another run); a resumed run takes only: "
         "trainer.max_epochs, trainer.max_steps, trainer.log_every_n_steps, trainer.val_every_n_steps, "
-        "trainer.ckpt_every_n_steps, trainer.progress, trainer.num_workers, trainer.eval_batch_size, device, logger"]
+        "trainer.ckpt_every_n_steps, trainer.ckpt_every_n_epochs, trainer.progress, trainer.num_workers, trainer.eval_batch_size, device, logger"]
     stopped_at = json.loads((sweep / "1" / "summary.json").read_text())["steps"]
+    saved = (sweep / "1" / ".hydra" / "config.yaml").read_bytes()
     resumed = run_cli(f"resume={sweep}", "trainer.log_every_n_steps=7")  # a setting that may change mid-run
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    # The interrupted job continued the config it started with (the replayed sweep command did not
+    # overwrite it); the job that had not run wrote its own.
+    assert (sweep / "1" / ".hydra" / "config.yaml").read_bytes() == saved
+    assert "log_every_n_steps: 7" in (sweep / "2" / ".hydra" / "config.yaml").read_text()
     for job, since in (("1", stopped_at), ("2", 0)):  # the jobs that ran in the resumed sweep log every 7 steps
         logged = [r["step"] for r in map(json.loads, (sweep / job / "metrics.jsonl").read_text().splitlines())
                   if r["split"] == "train" and r["step"] > since]

@@ -116,6 +116,7 @@ class Trainer:
         # Plain ints: a config read costs microseconds, a lot next to a captured step.
         self.log_every, self.val_every = int(t.log_every_n_steps), int(t.val_every_n_steps)
         self.ckpt_every, self.accumulate = int(t.ckpt_every_n_steps), int(t.accumulate_grad_batches)
+        self.ckpt_every_epochs = int(t.ckpt_every_n_epochs)
         self.last_log = (time.time(), 0, 0.0)  # wall time, units seen, paused time
         self.open = True  # still training: a job closes when it is done or fails
         self.error: Exception | None = None  # what ended this job early, for its summary
@@ -182,7 +183,8 @@ class Trainer:
             self.schedule.epoch_end()
         if self.val_every == 0 and not self.state.stopped_early:
             self.validate()
-        self.save("last")
+        if self.state.epoch % self.ckpt_every_epochs == 0 or self.done():
+            self.save("last")
         if self.done():  # the last step, or early stopping decided by this validation
             self.open = False
 

@@ -58,7 +58,7 @@ NEVER = {"val_every_n_steps": "at the end of each epoch", "ckpt_every_n_steps": 
 def validate(config: Config) -> None:
     """Checks Hydra's types cannot express: ranges and choices, with the key named."""
     t = config.trainer
-    for key in ("batch_size", "accumulate_grad_batches", "log_every_n_steps"):
+    for key in ("batch_size", "accumulate_grad_batches", "log_every_n_steps", "ckpt_every_n_epochs"):
         if getattr(t, key) <= 0:
             raise UserError(f"trainer.{key}={getattr(t, key)} must be > 0")
     if t.eval_batch_size is not None and t.eval_batch_size <= 0:
