@@ -29,7 +29,7 @@ def sweep_resumed(argv: list[str]) -> list[str]:
         return argv
     from omegaconf import OmegaConf
 
-    from runner.job import override_keys, refuse_unchangeable
+    from runner.job import key_of, override_keys, refuse_unchangeable
 
     sweep = Path(resumes[0]).resolve()
     saved = OmegaConf.load(sweep / "multirun.yaml").hydra.overrides
@@ -41,10 +41,6 @@ def sweep_resumed(argv: list[str]) -> list[str]:
     given = {key_of(a) for a in extra}
     kept = [o for o in [*saved.hydra, *saved.task] if key_of(o) not in given]
     return [argv[0], "-m", *kept, *extra]
-
-
-def key_of(override: str) -> str:
-    return override.split("=", 1)[0].lstrip("+~")
 
 
 def main() -> None:

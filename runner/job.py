@@ -28,9 +28,14 @@ CHANGEABLE_ON_RESUME = ("trainer.max_epochs", "trainer.max_steps", "trainer.log_
 LENGTH = ("trainer.max_epochs", "trainer.max_steps")
 
 
+def key_of(override: str) -> str:
+    """The key an override sets: ``+trainer.x=1`` -> ``trainer.x``."""
+    return str(override).split("=", 1)[0].lstrip("+~")
+
+
 def override_keys(overrides: Sequence[str]) -> list[str]:
     """The config keys a command line's overrides set (``hydra.*`` and ``resume`` left out)."""
-    keys = [str(o).split("=", 1)[0].lstrip("+~") for o in overrides]
+    keys = [key_of(o) for o in overrides]
     return [k for k in keys if k != "resume" and not k.startswith("hydra.") and k != "hydra"]
 
 
