@@ -4,6 +4,8 @@
 # (resume=<sweep folder>; fused jobs fuse again). The sweep folder travels as a tar file cut in
 # 15 MiB parts ($OUT/NAME.tar.partNN: a file back from the machine may have 16 MiB); copy them to
 # .gpu_runs/ here (git-ignored, replacing the old parts) and carry .gpu_runs on the next call.
+# .gpu_runs/ lasts as long as this working checkout: a session that starts on a new checkout
+# has lost it (Table 1's row was lost so at 69.3%, experiments/iwae_paper/README.md).
 # Table 1's one-layer row, for example (one chunk a call):
 #   bash benchmarks/chunked_sweep.sh table1 540 hydra/launcher=fused experiment=iwae_paper \
 #       dataset.root=.gpu_data/mnist model=vae1 loss=elbo,iwae loss.k=1,5,50 trainer.save_top_k=0
