@@ -57,6 +57,7 @@ def test_grey_data_into_a_torchvision_model(tmp_path):
     assert summary(run_dir)["eval_samples"] == {"val": 32, "test": 32}
 
 
+@pytest.mark.slow  # ResNet on a CPU: ~30 s; the default suite stays under ~15 minutes
 def test_fashion_resnet_settings_run_on_a_small_set(tmp_path):
     """The preset's model, optimizer, schedule and precision, on a few patterns instead of
     Fashion-MNIST (its own data would take minutes to evaluate on a CPU)."""
