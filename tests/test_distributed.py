@@ -79,7 +79,7 @@ def test_two_node_torchrun_rendezvous_on_localhost(tmp_path):
     assert s["samples_seen"] == 500
 
 
-@pytest.mark.slow  # two DDP sweeps' process starts: ~24 s; the default suite stays under ~15 minutes
+@pytest.mark.slow  # a sweep of two DDP jobs, two gloo workers each: ~24 s of process starts
 def test_ddp_multirun_gives_one_folder_per_job(tmp_path):
     result = run_cli("-m", *BASE, *DDP2, "trainer.batch_size=8", "trainer.seed=0,1", f"output_root={tmp_path}")
     assert result.returncode == 0, result.stderr
