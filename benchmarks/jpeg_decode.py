@@ -39,7 +39,7 @@ from common import device_ceilings, run_runner, steady_rate, sync, table
 
 SIZE, BATCH = 224, 64
 NO_AUGMENTATION = ("dataset.train_transforms=null",)
-# The config's default train_transforms (conf/dataset/multilabel_csv.yaml), for the pipeline alone.
+# The config's default train_transforms (runner/conf/dataset/multilabel_csv.yaml), for the pipeline alone.
 CROP_FLIP = [{"_target_": "torchvision.transforms.v2.RandomResizedCrop", "size": SIZE, "scale": [0.5, 1.0]},
              {"_target_": "torchvision.transforms.v2.RandomHorizontalFlip"}]
 

@@ -15,8 +15,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from runner.config import CONF_DIR, register_configs, register_resolvers
-from runner.sweep import write_summary_csv
+from runner.config.compose import CONF_DIR, register_configs, register_resolvers
+from runner.report.sweep import write_summary_csv
 from runner.errors import (EXIT_FAILED, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USER_ERROR, JobFailed, SweepInterrupted,
                            UserError)
 
@@ -90,7 +90,7 @@ def main() -> None:
     except Exception as e:  # composition / override errors: before any run folder has content
         if started:
             raise
-        from runner.config_errors import describe
+        from runner.config.messages import describe
 
         print(f"error: {describe(e, sys.argv[1:])}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)

@@ -12,11 +12,10 @@ import logging
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
-from runner.config import CONF_DIR, register_configs, register_resolvers
+from runner.config.compose import compose_job
 from runner.errors import EXIT_USER_ERROR, UserError
 
 
@@ -35,20 +34,6 @@ def logging_to(path: Path) -> Iterator[None]:
         root.removeHandler(handler)
         root.setLevel(level)
         handler.close()
-
-
-def compose_job(overrides: Sequence[str], config_dir: str | None = None) -> Any:
-    """The composed config with its ``hydra`` node, as the command line composes it."""
-    from runner.config_errors import describe
-
-    register_configs()
-    register_resolvers()
-    search = [f"hydra.searchpath=[file://{Path(config_dir).resolve()}]"] if config_dir else []
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-            return compose("config", overrides=[*overrides, *search], return_hydra_config=True)
-    except Exception as e:  # composition errors: one message, as on the command line
-        raise UserError(describe(e, list(overrides))) from None
 
 
 def run(overrides: Sequence[str] = (), config_dir: str | None = None) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from rich.console import Console
 
 from runner.config import Config, typed
 from runner.errors import EXIT_OK, UserError
-from runner.files import folder_in_use, hold_folder
+from runner.runs.files import folder_in_use, hold_folder
 from runner.loggers.base import JobInfo
 
 # Overrides a resumed run takes: its length, its logging and checkpoint cadence, where it runs.

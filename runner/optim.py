@@ -1,6 +1,6 @@
 """Optimizers (group ``optim``): any ``torch.optim`` class by ``_target_``.
 
-``conf/optim/adam.yaml`` and its siblings are presets; ``optim._target_=torch.optim.RAdam`` (or a
+``runner/conf/optim/adam.yaml`` and its siblings are presets; ``optim._target_=torch.optim.RAdam`` (or a
 user's class) works the same way. The parameters never appear in the config: runner passes them.
 One key is runner's own: ``decay_bias_and_norm: false`` puts every bias and normalisation
 weight (every parameter of one dimension) in a group without weight decay, the usual rule for
@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from runner.build import checked_kwargs
+from runner.config.build import checked_kwargs
 from runner.errors import UserError
 
 OWN_KEYS = ("decay_bias_and_norm",)

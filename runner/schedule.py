@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch.optim.lr_scheduler import LambdaLR, ReduceLROnPlateau
 
-from runner.build import checked_kwargs, locate, plain
+from runner.config.build import checked_kwargs, locate, plain
 from runner.errors import UserError
 
 OWN_KEYS = ("interval", "warmup_steps")

@@ -32,11 +32,11 @@ def compose(*overrides: str, with_hydra: bool = False):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from runner.config import register_configs, register_resolvers
+    from runner.config.compose import register_configs, register_resolvers
 
     register_configs()
     register_resolvers()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+    with initialize_config_dir(config_dir=str(ROOT / "runner" / "conf"), version_base=None):
         return hydra_compose("config", overrides=list(overrides), return_hydra_config=with_hydra)
 
 

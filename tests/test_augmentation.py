@@ -14,7 +14,7 @@ from torchvision.transforms.v2 import functional as F
 
 from conftest import SHARED_DATA, compose, require
 from runner import run
-from runner.build import build
+from runner.config.build import build
 from runner.data import mnist_classes, multilabel_csv
 from runner.engine import data as loaders
 from runner.errors import UserError

@@ -148,7 +148,7 @@ def test_confusion_plot_grows_with_the_classes_and_drops_cell_numbers(tmp_path, 
     pytest.importorskip("matplotlib")
     from PIL import Image
 
-    from runner import plots
+    from runner.report import plots
 
     logits, targets = _data(n=3000, seed=6, classes=classes)
     confusion = batch_sums(logits, targets, classes)["confusion"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from runner.build import build
+from runner.config.build import build
 from runner.data.binarized import silhouettes
 from runner.errors import UserError
 from runner.families.density import DensityFamily
@@ -41,9 +41,9 @@ def test_encoder_runs_once_per_data_point(latent_dims, hidden_dims):
 
 def test_paper_architectures_from_configs():
     sizes = lambda mlp: [layer.in_features for layer in mlp.layers] + [mlp.layers[-1].out_features]
-    one = build(OmegaConf.load("conf/model/vae1.yaml"), "model", x_dim=784)
+    one = build(OmegaConf.load("runner/conf/model/vae1.yaml"), "model", x_dim=784)
     assert sizes(one.encoders[0]) == [784, 200, 200, 100] and sizes(one.decoders[0]) == [50, 200, 200, 784]
-    two = build(OmegaConf.load("conf/model/vae2.yaml"), "model", x_dim=784)
+    two = build(OmegaConf.load("runner/conf/model/vae2.yaml"), "model", x_dim=784)
     assert sizes(two.encoders[0]) == [784, 200, 200, 200] and sizes(two.encoders[1]) == [100, 100, 100, 100]
     assert sizes(two.decoders[1]) == [50, 100, 100, 200] and sizes(two.decoders[0]) == [100, 200, 200, 784]
 
@@ -182,15 +182,15 @@ def test_evaluator_nll_is_below_the_bound_and_chunk_budget():
 
 @pytest.mark.parametrize("key,value", [("k", 0), ("k", -3), ("eval_k", 0), ("val_eval_k", -1)])
 def test_bad_loss_settings_name_the_key(key, value):
-    node = OmegaConf.load("conf/loss/iwae.yaml")
+    node = OmegaConf.load("runner/conf/loss/iwae.yaml")
     node[key] = value
     with pytest.raises(UserError, match=f"loss.{key}="):
         build(node, "loss")
 
 
 def family_config(loss="iwae", model="vae1"):
-    return OmegaConf.create({"model": OmegaConf.load(f"conf/model/{model}.yaml"),
-                             "loss": OmegaConf.load(f"conf/loss/{loss}.yaml")})
+    return OmegaConf.create({"model": OmegaConf.load(f"runner/conf/model/{model}.yaml"),
+                             "loss": OmegaConf.load(f"runner/conf/loss/{loss}.yaml")})
 
 
 def build_family(config, bundle):

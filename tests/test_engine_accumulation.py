@@ -120,12 +120,12 @@ def test_schedule_constant_for_counts_the_lr_changes_ahead():
     from runner.schedule import Schedule
 
     opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))])
-    schedule = Schedule(opt, OmegaConf.load("conf/schedule/step.yaml"), steps_per_epoch=10, total_steps=100)
+    schedule = Schedule(opt, OmegaConf.load("runner/conf/schedule/step.yaml"), steps_per_epoch=10, total_steps=100)
     # Per epoch: the lr changes only between epochs, which launches never span.
     assert schedule.constant_for(10)
-    per_step = Schedule(opt, OmegaConf.load("conf/schedule/cosine.yaml"), steps_per_epoch=10, total_steps=100)
+    per_step = Schedule(opt, OmegaConf.load("runner/conf/schedule/cosine.yaml"), steps_per_epoch=10, total_steps=100)
     assert per_step.constant_for(1) and not per_step.constant_for(2)
-    warming = Schedule(opt, OmegaConf.merge(OmegaConf.load("conf/schedule/step.yaml"), {"warmup_steps": 3}),
+    warming = Schedule(opt, OmegaConf.merge(OmegaConf.load("runner/conf/schedule/step.yaml"), {"warmup_steps": 3}),
                        steps_per_epoch=10, total_steps=100)
     assert not warming.constant_for(2)
     for _ in range(3):

@@ -15,7 +15,7 @@ from runner.schedule import Schedule, iwae_paper_epochs, iwae_paper_stage
 def schedule_lrs(option: str, steps: int, steps_per_epoch: int, total_steps: int, lr: float = 1.0, **overrides) -> list[float]:
     """The lr of each of ``steps`` optimizer steps under conf/schedule/<option>.yaml, driven as the
     loop drives it (step_end after every step, epoch_end after every epoch)."""
-    node = OmegaConf.merge(OmegaConf.load(ROOT / "conf" / "schedule" / f"{option}.yaml"), overrides)
+    node = OmegaConf.merge(OmegaConf.load(ROOT / "runner" / "conf" / "schedule" / f"{option}.yaml"), overrides)
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
     schedule = Schedule(optimizer, node, steps_per_epoch, total_steps)
     lrs = []

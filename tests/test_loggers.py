@@ -55,7 +55,7 @@ def test_the_logger_group_selects_several_one_or_none(override, selected):
 
 
 def test_an_unknown_logger_in_a_list_names_the_options():
-    from runner.config_errors import describe
+    from runner.config.messages import describe
 
     with pytest.raises(Exception) as error:
         compose("logger=[csv,nope]")

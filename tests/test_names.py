@@ -6,7 +6,7 @@ import pytest
 from hydra.core.hydra_config import HydraConfig
 
 from conftest import compose, run_cli
-from runner.names import MAX_LENGTH, run_title
+from runner.runs.names import MAX_LENGTH, run_title
 
 GROUPS = ("dataset", "model", "loss", "optim", "schedule", "trainer", "device", "logger", "experiment",
           "hydra/launcher")

@@ -11,8 +11,8 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import ROOT, compose, only_run_folder, run_cli, run_in_process
-from runner.engine import compat
-from runner.build import checked_kwargs
+from runner.config import compat
+from runner.config.build import checked_kwargs
 from runner.errors import UserError
 
 REGRESSION = ("experiment=regression", "trainer.progress=none", "device=cpu")
@@ -162,7 +162,7 @@ def test_what_a_captured_step_cannot_follow_is_refused():
     with pytest.raises(UserError, match="LBFGS cannot be captured"):
         capture_arguments(torch.optim.LBFGS)
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1, momentum=0.9)
-    one_cycle = OmegaConf.load(ROOT / "conf" / "schedule" / "one_cycle.yaml")
+    one_cycle = OmegaConf.load(ROOT / "runner" / "conf" / "schedule" / "one_cycle.yaml")
     with pytest.raises(UserError, match="OneCycleLR cycles the momentum.*cycle_momentum=false"):
         Schedule(opt, one_cycle, steps_per_epoch=10, total_steps=100, captured=True)
     one_cycle.cycle_momentum = False
@@ -176,7 +176,7 @@ def test_a_tensor_lr_is_filled_in_place():
 
     lr = torch.tensor(1.0)
     opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=lr, capturable=False, foreach=False)
-    schedule = Schedule(opt, OmegaConf.load(ROOT / "conf" / "schedule" / "step.yaml"), steps_per_epoch=2,
+    schedule = Schedule(opt, OmegaConf.load(ROOT / "runner" / "conf" / "schedule" / "step.yaml"), steps_per_epoch=2,
                         total_steps=10)
     for _ in range(2):
         schedule.step_end()
@@ -236,7 +236,7 @@ def check_keys(cfg, family):
                    fill={"total_steps": 1, "T_max": 1})
 
 
-@pytest.mark.parametrize("experiment", sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml")))
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (ROOT / "runner" / "conf" / "experiment").glob("*.yaml")))
 def test_each_preset_takes_every_compatible_dataset_and_model(experiment):
     family = compat.family_of_dataset(compose(f"experiment={experiment}").dataset)
     for dataset in fitting("dataset", family):
@@ -257,7 +257,7 @@ def test_presets_that_differ_in_the_loss_inherit_one_base():
         other = OmegaConf.to_container(compose(f"experiment={name}", "device=cpu"), resolve=True)
         differs = {k for k in base if base[k] != other[k]}
         assert differs == {"loss", "name"}, (name, differs)
-        assert other["loss"] == OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "loss" / f"{loss}.yaml"))
+        assert other["loss"] == OmegaConf.to_container(OmegaConf.load(ROOT / "runner" / "conf" / "loss" / f"{loss}.yaml"))
 
 
 # --- the Python API -----------------------------------------------------------------------------

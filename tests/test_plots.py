@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from conftest import run_in_process
-from runner import plots
-from runner.report import main as report_main
+from runner.report import plots
+from runner.report.table import main as report_main
 from test_report import make_sweep
 
 REGRESSION = ("experiment=regression", "trainer.progress=none", "device=cpu")

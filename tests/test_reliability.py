@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import run_cli, run_in_process
-from runner.files import atomic_write_json, atomic_write_text
+from runner.runs.files import atomic_write_json, atomic_write_text
 
 
 def test_unwritable_output_folder_is_a_user_error(tmp_path):

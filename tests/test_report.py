@@ -12,7 +12,7 @@ import pytest
 
 from rich.console import Console
 
-from runner.report import direction, main, report_sweep
+from runner.report.table import direction, main, report_sweep
 
 
 def make_sweep(root: Path) -> dict:

@@ -9,7 +9,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from conftest import ROOT, run_cli
-from runner.config import register_configs, register_resolvers
+from runner.config.compose import register_configs, register_resolvers
 
 
 @pytest.mark.parametrize("override, target", [
@@ -21,7 +21,7 @@ from runner.config import register_configs, register_resolvers
 def test_launcher_and_sweeper_configs_compose(override, target):
     register_configs()
     register_resolvers()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+    with initialize_config_dir(config_dir=str(ROOT / "runner" / "conf"), version_base=None):
         cfg = compose("config", overrides=[override], return_hydra_config=True)
     node = cfg.hydra.launcher if "launcher" in override else cfg.hydra.sweeper
     assert node._target_.endswith(target)

@@ -65,9 +65,9 @@ class FusedLauncher(Launcher):
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from runner.engine.fused import fusion_groups, run_group
         from runner.errors import EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM, JobFailed, SweepInterrupted
-        from runner.files import hold_folder
+        from runner.runs.files import hold_folder
         from runner.job import Job, monitored_value, run_prepared
-        from runner.sweep import write_summary_csv
+        from runner.report.sweep import write_summary_csv
 
         assert self.config is not None and self.hydra_context is not None
         setup_globals()

@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 from torchvision.transforms.v2.functional import resize
 
-from runner.build import checked_kwargs, locate, plain
+from runner.config.build import checked_kwargs, locate, plain
 from runner.errors import UserError
 
 EXAMPLES = "RandomResizedCrop, RandomCrop, RandomHorizontalFlip, ColorJitter, RandomErasing, ToDtype, Normalize"

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from runner.files import atomic_write
+from runner.runs.files import atomic_write
 from runner.errors import UserError
 
 FORMAT_VERSION = 1

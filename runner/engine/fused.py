@@ -32,9 +32,10 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from runner.config import Config, Mode, Strategy
+from runner.config import Config
 from runner.engine import checkpoint as ckpt
-from runner.engine import compat, devices
+from runner.config import compat, rules
+from runner.engine import devices
 from runner.engine.family import StepInParts
 from runner.engine.graphs import GraphedStep, step_slice
 from runner.engine.loop import Trainer, Window, fit
@@ -44,29 +45,6 @@ from runner.engine.signals import SignalFlag
 from runner.engine.stacked_optimizer import StackedOptimizer, stackable_optimizers
 
 log = logging.getLogger("runner")
-
-
-def family_module(config: Config) -> Any:
-    """The module of the job's family (runner/families/), None for a user's dataset."""
-    name = compat.family_of_dataset(config.dataset)
-    return compat.module_of(name) if name else None
-
-
-def fusion_blocker(config: Config) -> str | None:
-    """Why this job cannot train fused with others, or None where it can (checked on the config,
-    before anything is built)."""
-    t = config.trainer
-    if config.mode != Mode.train:
-        return f"mode={config.mode.value} does not train"
-    if config.device.strategy == Strategy.ddp:
-        return "device=ddp runs one job over several processes"
-    if t.accumulate_grad_batches != 1 or t.skip_nonfinite or t.precision == "16":
-        return "fused steps need accumulate_grad_batches=1, skip_nonfinite=false and a precision other than 16"
-    module = family_module(config)
-    blocker = getattr(module, "fusion_blocker", None)
-    if blocker is None:
-        return f"the {module.__name__.rpartition('.')[2] if module else 'user-defined'} family does not fuse"
-    return blocker(config.model, config.loss)
 
 
 class StackedParameters:
@@ -325,7 +303,7 @@ def fusion_key(config: Config) -> str:
     from omegaconf import OmegaConf
 
     settings = OmegaConf.to_container(OmegaConf.structured(config), resolve=True)
-    for key in (*FREE_KEYS, *getattr(family_module(config), "FUSION_PADDED", ())):
+    for key in (*FREE_KEYS, *getattr(compat.family_module(config), "FUSION_PADDED", ())):
         *path, last = key.split(".")
         node = settings
         for part in path:
@@ -341,7 +319,7 @@ def fusion_groups(configs: Sequence[Config]) -> list[list[int]]:
     of their first job; a job that cannot fuse is a group of one (the reason is logged)."""
     groups: dict[str, list[int]] = {}
     for i, config in enumerate(configs):
-        blocker = fusion_blocker(config)
+        blocker = rules.fusion_blocker(config)
         if blocker:
             log.warning("job %d runs alone: %s", i, blocker)
         groups.setdefault(f"alone {i}" if blocker else fusion_key(config), []).append(i)

@@ -30,7 +30,7 @@ from runner.engine.family import DataBundle, Family
 from runner.engine.progress import ProgressDisplay
 from runner.engine.results import RunResults
 from runner.engine.signals import SignalFlag
-from runner.engine.step import OptimizerStep, Window, capture_unsupported
+from runner.engine.step import OptimizerStep, Window
 from runner.errors import Interrupted, UserError
 from runner.optim import build_optimizer, has_batchnorm
 from runner.schedule import Schedule
@@ -87,9 +87,6 @@ class Trainer:
         self.family, self.bundle, self.ctx, self.results, self.run_dir = family, bundle, ctx, results, run_dir
         self.meta = meta  # stored in every checkpoint: the resolved config and the model's target
         captured = t.cuda_graph
-        reason = capture_unsupported(ctx, t.accumulate_grad_batches, t.skip_nonfinite, t.precision) if captured else None
-        if reason:
-            raise UserError(reason)
         self.optimizer = build_optimizer(optim, family.raw_model, ctx.device, capturable=captured,
                                          compiled=t.compile_optimizer)
         self.device_batches = loaders.resident(bundle.train, ctx.device) if t.data_on_device else None

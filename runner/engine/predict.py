@@ -15,7 +15,7 @@ from runner.engine.devices import DeviceContext
 from runner.engine.family import DataBundle, Family
 from runner.engine.precision import autocast, full_fp32_matmul
 from runner.errors import UserError
-from runner.files import atomic_write_text
+from runner.runs.files import atomic_write_text
 
 
 def prediction_split(bundle: DataBundle) -> tuple[str, object]:

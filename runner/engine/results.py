@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from runner import plots
-from runner.files import append_line, atomic_write_json, atomic_write_text
+from runner.report import plots
+from runner.runs.files import append_line, atomic_write_json, atomic_write_text
 from runner.loggers import Loggers, RunInfo
 
 STATUSES = ("running", "completed", "failed", "interrupted")

@@ -17,9 +17,10 @@ import torch
 from omegaconf import OmegaConf
 from rich.console import Console
 
-from runner.engine import compat
-from runner.build import build
-from runner.config import COMPILE_MODES, PRECISIONS, PROGRESS, Config, Mode, Strategy, TrainerConfig
+from runner.config import compat
+from runner.config.build import build
+from runner.config import Config, Mode, TrainerConfig
+from runner.config import rules
 from runner.engine import checkpoint as ckpt
 from runner.engine import devices
 from runner.engine.devices import DeviceContext
@@ -31,7 +32,7 @@ from runner.engine.predict import predict
 from runner.engine.progress import metrics_table
 from runner.engine.results import RunResults
 from runner.engine.signals import SignalFlag
-from runner.loggers import JobInfo, RunInfo, check_loggers
+from runner.loggers import JobInfo, RunInfo
 from runner.errors import EXIT_FAILED, EXIT_OK, EXIT_SIGINT, EXIT_USER_ERROR, Interrupted, NonFiniteLoss, UserError
 from runner.schedule import run_epochs
 
@@ -49,55 +50,6 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
     # cuDNN times its algorithms once per input shape and keeps the fastest: shapes are fixed here.
     torch.backends.cudnn.benchmark = not deterministic
-
-
-NEVER = {"val_every_n_steps": "at the end of each epoch", "ckpt_every_n_steps": "at the end of each epoch",
-         "num_workers": "load in the main process"}
-
-
-def validate(config: Config) -> None:
-    """Checks Hydra's types cannot express: ranges and choices, with the key named."""
-    t = config.trainer
-    for key in ("batch_size", "accumulate_grad_batches", "log_every_n_steps", "ckpt_every_n_epochs"):
-        if getattr(t, key) <= 0:
-            raise UserError(f"trainer.{key}={getattr(t, key)} must be > 0")
-    if t.eval_batch_size is not None and t.eval_batch_size <= 0:
-        raise UserError(f"trainer.eval_batch_size={t.eval_batch_size} must be > 0 (or null)")
-    if t.max_epochs is not None and t.max_epochs <= 0:
-        raise UserError(f"trainer.max_epochs={t.max_epochs} must be > 0 (or null: as long as the schedule says)")
-    for key, allowed in (("precision", PRECISIONS), ("progress", PROGRESS), ("compile_mode", COMPILE_MODES)):
-        if str(getattr(t, key)) not in allowed:
-            raise UserError(f"trainer.{key}={getattr(t, key)!r} is not known; allowed: {', '.join(allowed)}")
-    if t.steps_per_graph < 1:
-        raise UserError(f"trainer.steps_per_graph={t.steps_per_graph} must be >= 1")
-    if t.steps_per_graph > 1 and not (t.cuda_graph and t.data_on_device):
-        raise UserError(f"trainer.steps_per_graph={t.steps_per_graph} needs trainer.cuda_graph=true and "
-                        "trainer.data_on_device=true (the batches of a launch are cut on the device)")
-    if t.compile_mode != "default" and not t.compile:
-        raise UserError(f"trainer.compile_mode={t.compile_mode} is the mode of torch.compile: it needs trainer.compile=true")
-    if t.compile_mode in COMPILE_MODES[2:] and t.cuda_graph:
-        raise UserError(f"trainer.compile_mode={t.compile_mode} captures CUDA graphs of its own, which cannot sit inside "
-                        "trainer.cuda_graph's capture: with trainer.cuda_graph=true use "
-                        "trainer.compile_mode=max-autotune-no-cudagraphs")
-    if t.compile_optimizer and t.precision == "16":
-        raise UserError("trainer.compile_optimizer=true does not combine with trainer.precision=16 (its grad scaler "
-                        "steps the optimizer itself); use trainer.precision=bf16, or trainer.compile_optimizer=false")
-    if t.gradient_clip_val < 0:
-        raise UserError(f"trainer.gradient_clip_val={t.gradient_clip_val} must be >= 0")
-    if config.device.sync_batchnorm and not (config.device.strategy == Strategy.ddp and config.device.backend == "nccl"):
-        raise UserError("device.sync_batchnorm=true synchronises BatchNorm across GPU processes: it needs device=ddp "
-                        "with device.backend=nccl")
-    check_loggers(config.logger)  # unknown keys, missing packages: exit 2 before anything starts
-    if config.mode in (Mode.eval, Mode.predict) and not config.ckpt_path:
-        raise UserError(f"mode={config.mode.value} needs ckpt_path=<run folder>/checkpoints/best.pt")
-    if config.ckpt_path and not Path(config.ckpt_path).is_file():
-        raise UserError(f"ckpt_path={config.ckpt_path}: no such file")
-    for key in ("val_every_n_steps", "ckpt_every_n_steps", "num_workers"):
-        if getattr(t, key) < 0:
-            raise UserError(f"trainer.{key}={getattr(t, key)} must be >= 0 (0: {NEVER[key]})")
-    for key in ("max_steps", "limit_train_batches"):
-        if getattr(t, key) == 0 or getattr(t, key) < -1:
-            raise UserError(f"trainer.{key}={getattr(t, key)} must be > 0, or -1 for no limit")
 
 
 def build_data(config: Config, ctx: DeviceContext, choices: dict[str, str]) -> DataBundle:
@@ -259,11 +211,9 @@ class RunLife:
         """Checks, device, seed, data and family (``bundle``: data already built, which a fused
         group shares); mode=eval and predict run here and return None."""
         config, results = self.config, self.results
-        validate(config)
-        family_name = compat.family_of_dataset(config.dataset)
-        if family_name is not None:  # runner's own dataset: an incompatible pair stops before anything runs
-            compat.check_compatible(family_name, self.choices, model=config.model, loss=config.loss)
+        rules.check(config, self.choices)
         ctx = self.ctx = devices.resolve(config.device.strategy, config.device.index, config.device.backend)
+        rules.check_device(config, ctx.device.type, ctx.world_size)
         results.summary["device"] = ctx.describe()
         if ctx.is_main and self.run_dir is not None:  # first, so that a slow start is not a silent one
             self.console.print(f"run folder: {self.run_dir}\ndevice: {results.summary['device']}", highlight=False,

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from runner.build import plain
+from runner.config.build import plain
 from runner.config import Config
 
 if TYPE_CHECKING:

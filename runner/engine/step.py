@@ -34,21 +34,6 @@ class Window:
     steps: int = 1
 
 
-def capture_unsupported(ctx: DeviceContext, accumulate: int, skip_nonfinite: bool, precision: str) -> str | None:
-    """Why the step cannot be captured in a CUDA graph, or None."""
-    if ctx.device.type != "cuda":
-        return "trainer.cuda_graph needs a CUDA device"
-    if ctx.world_size > 1:
-        return "trainer.cuda_graph runs in one process (not with device=ddp)"
-    if accumulate != 1:
-        return "trainer.cuda_graph needs trainer.accumulate_grad_batches=1"
-    if skip_nonfinite:
-        return "trainer.cuda_graph cannot skip non-finite steps (it never looks at the loss on the host)"
-    if precision == "16":
-        return "trainer.cuda_graph does not support trainer.precision=16 (its grad scaler reads on the host); use bf16"
-    return None
-
-
 class OptimizerStep:
     def __init__(self, family: Family, optimizer: torch.optim.Optimizer, ctx: DeviceContext, precision: str,
                  clip: float, skip_nonfinite: bool, captured: bool, steps_per_launch: int,

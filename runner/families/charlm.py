@@ -15,11 +15,11 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from runner.build import build as build_node, plain
+from runner.config.build import build as build_node, plain
 from runner.data.text import IGNORE_INDEX
 from runner.engine.family import DataBundle, Evaluator, StepInParts
 from runner.errors import UserError
-from runner.engine.compat import Accepts
+from runner.config.compat import Accepts
 from runner.losses.charlm import TokenCrossEntropy
 
 ACCEPTS = Accepts(datasets=("runner.data.text.",), models=("runner.models.char_lstm.",), losses=("runner.losses.charlm.",))

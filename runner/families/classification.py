@@ -23,9 +23,9 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from runner import plots
-from runner.build import build as build_node
-from runner.engine.compat import Accepts
+from runner.report import plots
+from runner.config.build import build as build_node
+from runner.config.compat import Accepts
 from runner.engine.family import DataBundle, Evaluator, Family
 from runner.errors import UserError
 from runner.metrics.classification import batch_sums, classification_metrics, confusion_frame

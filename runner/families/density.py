@@ -17,10 +17,10 @@ from typing import Any
 
 from torch import Tensor
 
-from runner.build import build as build_node, plain
+from runner.config.build import build as build_node, plain
 from runner.engine.family import DataBundle, StepInParts
 from runner.errors import UserError
-from runner.engine.compat import Accepts
+from runner.config.compat import Accepts
 from runner.losses.iwae import DReG, ImportanceBound
 from runner.metrics.density import DensityEvaluator
 from runner.models.vae import VAE

@@ -22,11 +22,11 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from runner import plots
-from runner.build import build as build_node
+from runner.report import plots
+from runner.config.build import build as build_node
 from runner.engine.family import DataBundle, Evaluator, Family
 from runner.errors import UserError
-from runner.engine.compat import Accepts
+from runner.config.compat import Accepts
 from runner.metrics.multilabel import multilabel_metrics, tune_thresholds
 
 # Any image classifier fits: runner's torchvision and timm options, small_cnn and cifar_resnet for

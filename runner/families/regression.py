@@ -9,9 +9,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
-from runner.build import build as build_node, plain
+from runner.config.build import build as build_node, plain
 from runner.engine.family import DataBundle, Evaluator, StepInParts
-from runner.engine.compat import Accepts
+from runner.config.compat import Accepts
 from runner.losses.regression import SquaredError
 
 ACCEPTS = Accepts(datasets=("runner.families.regression.synthetic",), models=("runner.families.regression.mlp",),

@@ -1,7 +1,7 @@
 """Experiment tracking: the ``logger`` config group, several at once.
 
 ``python -m runner logger=[csv,tensorboard,mlflow,wandb]`` (default ``[csv]``; ``logger=[]`` for
-none). Each option in ``conf/logger/`` is a node ``logger.<name>`` with a ``_target_`` (a
+none). Each option in ``runner/conf/logger/`` is a node ``logger.<name>`` with a ``_target_`` (a
 ``Logger`` class) and its keys (``logger.mlflow.tracking_uri=http://host:5000``); a module of
 your own plugs in by ``_target_`` the same way. metrics.jsonl and summary.json are written by
 the engine whatever the loggers.

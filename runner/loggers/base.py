@@ -9,7 +9,7 @@ from typing import Any, Sequence
 
 from omegaconf import OmegaConf
 
-from runner.files import atomic_write_json
+from runner.runs.files import atomic_write_json
 
 POSITION = ("epoch", "step", "split")  # where a row sits, not what it measured
 STATE_FILE = "loggers.json"  # the trackers' own run ids, so that resume= continues the same runs
@@ -50,7 +50,7 @@ class RunInfo:
     def of(cls, config: Any, run_dir: Path | None, choices: dict[str, str] | None,
            job: JobInfo | None) -> "RunInfo | None":
         """The run of a typed ``runner.config.Config``; None on processes that write nothing."""
-        from runner.names import run_title
+        from runner.runs.names import run_title
 
         if run_dir is None:
             return None

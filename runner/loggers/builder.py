@@ -13,8 +13,9 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from runner.build import checked_kwargs, plain
-from runner.config import CONF_DIR, LOGGERS
+from runner.config.build import checked_kwargs, plain
+from runner.config import LOGGERS
+from runner.config.compose import CONF_DIR
 from runner.errors import UserError
 from runner.loggers.base import Logger, RunInfo
 

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from runner.files import append_line, atomic_write_text
+from runner.runs.files import append_line, atomic_write_text
 from runner.loggers.base import POSITION, Logger, RunInfo, named
 
 

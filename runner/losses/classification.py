@@ -1,7 +1,7 @@
 """Single-label classification losses on logits [B, C] and class indices [B], each returning a
 per-sample loss [B]; the family sums them and the engine divides by the number of samples.
 
-Options (conf/loss/<name>.yaml):
+Options (runner/conf/loss/<name>.yaml):
 
 * ``softmax_cross_entropy``: cross-entropy of the softmax, with optional ``label_smoothing``
   (PyTorch's: the target is ``(1 - eps)`` on the true class plus ``eps / C`` on every class).

@@ -13,7 +13,7 @@ model, so they are tested on a linear-Gaussian model whose log p(x) is analytic.
   the IWAE gradient for the decoder and the doubly reparameterised one for the encoder,
   sum_i w~_i^2 (d log w_i / d z_i)(d z_i / d phi), with q's parameters stopped inside log w.
 
-The config classes below (conf/loss/{elbo,iwae,dreg}.yaml) hold ``k`` and the evaluation
+The config classes below (runner/conf/loss/{elbo,iwae,dreg}.yaml) hold ``k`` and the evaluation
 settings of the density family: ``eval_k`` importance samples for the test NLL (5000, the
 paper's), ``val_eval_k`` for validation (0 = report only the bound on val, so that validation
 each epoch stays cheap), and ``eval_budget_mb``, the memory for one chunk of samples.

@@ -6,7 +6,7 @@ loses precision exactly where it matters) and stays finite, with finite gradient
 ``pos_counts`` (positives per label) and ``num_samples`` to the builders below, so a config never
 holds counts by hand.
 
-Options (conf/loss/<name>.yaml):
+Options (runner/conf/loss/<name>.yaml):
 
 * ``bce``: plain binary cross-entropy.
 * ``bce_pos_weight``: BCE with ``pos_weight = negatives / positives`` per label (PyTorch's

@@ -9,7 +9,7 @@ import pandas as pd
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from runner.files import atomic_write_text, folder_in_use
+from runner.runs.files import atomic_write_text, folder_in_use
 
 
 def job_overrides(job_dir: Path) -> dict[str, str]:

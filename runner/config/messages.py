@@ -5,7 +5,7 @@ import re
 
 from omegaconf import OmegaConf
 
-from runner.config import CONF_DIR
+from runner.config.compose import CONF_DIR
 from runner.errors import UserError
 
 _NOISE = ("Set the environment variable HYDRA_FULL_ERROR", "object_type=", "reference_type=")
@@ -57,7 +57,7 @@ def _allowed_keys(parent: str, overrides: list[str]) -> list[str]:
     """Compose the config without the overrides under ``parent`` and list that node's keys."""
     from hydra import compose, initialize_config_dir
 
-    from runner.config import register_configs, register_resolvers
+    from runner.config.compose import register_configs, register_resolvers
 
     register_configs()
     register_resolvers()

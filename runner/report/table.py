@@ -20,9 +20,9 @@ from omegaconf import OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from runner import plots
-from runner.files import atomic_write_text
-from runner.sweep import job_folders, write_summary_csv
+from runner.report import plots
+from runner.runs.files import atomic_write_text
+from runner.report.sweep import job_folders, write_summary_csv
 
 SEED_KEY = "trainer.seed"
 # The direction of a metric that is not the runs' monitor, by the words of its name.

@@ -1,26 +1,18 @@
 """Structured configs: the types and defaults of the engine's own groups, checked by Hydra at start-up.
 
 The groups whose options are code (dataset, model, loss) are typed by their ``_target_``'s
-signature instead, checked in ``runner.build`` before anything runs.
+signature instead, checked in runner/config/build.py before anything runs.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass, field, fields
 from enum import Enum
-from pathlib import Path
 from typing import Any, Optional
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue, ValidationError
 
 from runner.errors import UserError
-from runner.names import title_resolver
-
-# An absolute path: relative ones are resolved differently under `python -m` and the console script.
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
 class Strategy(Enum):
@@ -45,7 +37,7 @@ PRECISIONS = ("32", "tf32", "bf16", "16")
 PROGRESS = ("auto", "rich", "plain", "none")
 # torch.compile's modes; the last two capture CUDA graphs of their own (not inside trainer.cuda_graph's).
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")
-LOGGERS = ("csv", "tensorboard", "mlflow", "wandb")  # the shipped options of the logger group (conf/logger/)
+LOGGERS = ("csv", "tensorboard", "mlflow", "wandb")  # the shipped options of the logger group (runner/conf/logger/)
 
 
 @dataclass
@@ -147,95 +139,3 @@ def typed(cfg: DictConfig) -> Config:
     except (InterpolationResolutionError, ValidationError) as e:
         key = getattr(e, "full_key", None)
         raise UserError((f"{key}: " if key else "") + str(e).splitlines()[0]) from None
-
-
-def register_configs() -> None:
-    store = ConfigStore.instance()
-    store.store(name="runner_schema", node=Config)
-    # The trainer's defaults live in TrainerConfig alone: the dataclass is the group's option.
-    store.store(group="trainer", name="default", node=TrainerConfig)
-
-
-# --- run folders ---------------------------------------------------------------------------
-_claimed: dict[str, str] = {}
-
-
-def claim_unique_dir(base: str) -> str:
-    """Create ``base`` or, if taken (two runs started in the same second), ``base_1``, ``base_2``...
-
-    ``os.mkdir`` is atomic, so concurrent processes never share a folder. Memoised per process
-    because Hydra may resolve the same interpolation more than once.
-    """
-    if base in _claimed:
-        return _claimed[base]
-    candidate, n = base, 0
-    try:
-        Path(base).parent.mkdir(parents=True, exist_ok=True)
-        while True:
-            try:
-                os.mkdir(candidate)
-                break
-            except FileExistsError:
-                n += 1
-                candidate = f"{base}_{n}"
-        probe = Path(candidate) / ".writable"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"cannot create the run folder {candidate} (check output_root): {e.strerror or e}") from None
-    _claimed[base] = candidate
-    return candidate
-
-
-def is_nonzero_rank() -> bool:
-    """True in a worker of an external torchrun other than rank 0: it writes no run folder."""
-    return int(os.environ.get("RANK", "0")) != 0
-
-
-def run_folder(resume: Optional[str], base: str) -> str:
-    if resume:
-        # Checked here, before Hydra creates the folder: a resume that cannot start creates nothing.
-        if not (Path(resume) / ".hydra" / "config.yaml").is_file():
-            raise UserError(f"resume={resume} is not a run folder (no .hydra/config.yaml in it)")
-        return str(resume)
-    if is_nonzero_rank():
-        return tempfile.mkdtemp(prefix="runner-rank-")
-    return claim_unique_dir(base)
-
-
-def hydra_subdir(resume: Optional[str]) -> Optional[str]:
-    # A resumed run keeps the .hydra/ of its first start: that is the config it continues. So does
-    # a job of a resumed sweep that ran before (resume=<sweep folder> replays the sweep's command,
-    # whose composition would otherwise overwrite the job's config with today's presets).
-    return None if resume or is_nonzero_rank() or started_before() else ".hydra"
-
-
-def started_before() -> bool:
-    """Whether the job's output folder (evaluated by Hydra once it is set) holds a run already."""
-    from hydra.core.hydra_config import HydraConfig
-
-    try:
-        folder = Path(HydraConfig.get().runtime.output_dir)
-    except Exception:  # not set yet (composition), or no Hydra: a new folder
-        return False
-    return (folder / "summary.json").is_file() and (folder / ".hydra" / "config.yaml").is_file()
-
-
-def on_one_gpu(strategy: Any, yes: Any = True, no: Any = False) -> Any:
-    """``yes`` where the run will be one process on a GPU (device=gpu, or device=auto with CUDA
-    visible), ``no`` elsewhere. Presets turn the captured-step path on with it only where that
-    path can run: ``trainer.cuda_graph: ${on_one_gpu:${device.strategy}}``."""
-    import torch
-
-    one_gpu = str(getattr(strategy, "value", strategy)) in ("gpu", "auto") and torch.cuda.is_available()
-    return yes if one_gpu else no
-
-
-def register_resolvers() -> None:
-    # use_cache: Hydra copies resolver caches into each job's config (as it does for ${now:}),
-    # so a sweep's jobs, even in other processes (joblib), see the folder the sweep claimed.
-    OmegaConf.register_new_resolver("run_folder", run_folder, replace=True, use_cache=True)
-    OmegaConf.register_new_resolver("unique_dir", claim_unique_dir, replace=True, use_cache=True)
-    OmegaConf.register_new_resolver("hydra_subdir", hydra_subdir, replace=True)
-    OmegaConf.register_new_resolver("on_one_gpu", on_one_gpu, replace=True)
-    OmegaConf.register_new_resolver("run_title", title_resolver, replace=True)

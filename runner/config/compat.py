@@ -15,8 +15,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from runner.build import plain
-from runner.config import CONF_DIR
+from runner.config.build import plain
+from runner.config.compose import CONF_DIR
 from runner.errors import UserError
 
 NAMES = ("multilabel", "density", "charlm", "regression", "classification")
@@ -81,3 +81,9 @@ def check_compatible(family: str, choices: dict[str, str], **nodes: Any) -> None
             chosen = choices.get(group) or target
             raise UserError(f"{group}={chosen} does not fit {where}; its {group} options: {', '.join(fitting)}"
                             + (" (or your own module by _target_)" if group == "model" else ""))
+
+
+def family_module(config: Any) -> ModuleType | None:
+    """The module of a job's family (runner/families/), None for a user's dataset."""
+    name = family_of_dataset(config.dataset)
+    return module_of(name) if name else None

@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 from torch import Tensor
 
-from runner.files import atomic_write
+from runner.runs.files import atomic_write
 
 log = logging.getLogger(__name__)
 PANEL_SIZE = (4.0, 3.0)  # inches per panel

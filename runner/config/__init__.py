@@ -1,0 +1,15 @@
+"""The config layer: everything between the command line and the engine.
+
+* schema.py: the engine's own settings as dataclasses (types, defaults), and ``typed``: the
+  composed config as those objects — the Hydra config stops there;
+* compose.py: Hydra composition (the shipped configs in runner/conf/, resolvers);
+* rules.py: every check of a job's settings, run before anything is built (exit 2, one line);
+* build.py: a ``_target_`` node to an object, its keys checked against the target's signature;
+* compat.py: which datasets, models and losses fit each family;
+* messages.py: Hydra's composition errors as one line naming the key and what is allowed.
+"""
+from runner.config.schema import (COMPILE_MODES, LOGGERS, PRECISIONS, PROGRESS, Config, DeviceConfig, EarlyStopping,
+                                  Mode, MonitorMode, Strategy, TrainerConfig, typed)
+
+__all__ = ["COMPILE_MODES", "LOGGERS", "PRECISIONS", "PROGRESS", "Config", "DeviceConfig", "EarlyStopping", "Mode",
+           "MonitorMode", "Strategy", "TrainerConfig", "typed"]

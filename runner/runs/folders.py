@@ -1,0 +1,83 @@
+"""Where a run's results go: a new folder per run (never shared, even by runs started in the same
+second), the resumed run's own folder, and whether Hydra writes ``.hydra/`` into it. Hydra calls
+these as resolvers while it composes the config (runner/conf/config.yaml, ``hydra.run.dir``)."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+from runner.errors import UserError
+
+
+class FolderClaims:
+    """The folders this process has claimed, by the name asked for: Hydra may resolve the same
+    interpolation more than once, and each time must get the folder claimed the first time."""
+
+    def __init__(self) -> None:
+        self.claimed: dict[str, str] = {}
+
+    def claim(self, base: str) -> str:
+        """Create ``base`` or, if taken, ``base_1``, ``base_2``... (``os.mkdir`` is atomic, so
+        concurrent processes never share a folder)."""
+        if base in self.claimed:
+            return self.claimed[base]
+        candidate, n = base, 0
+        try:
+            Path(base).parent.mkdir(parents=True, exist_ok=True)
+            while True:
+                try:
+                    os.mkdir(candidate)
+                    break
+                except FileExistsError:
+                    n += 1
+                    candidate = f"{base}_{n}"
+            probe = Path(candidate) / ".writable"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise UserError(f"cannot create the run folder {candidate} (check output_root): {e.strerror or e}") from None
+        self.claimed[base] = candidate
+        return candidate
+
+
+CLAIMS = FolderClaims()
+
+
+def claim_unique_dir(base: str) -> str:
+    return CLAIMS.claim(base)
+
+
+def is_nonzero_rank() -> bool:
+    """True in a worker of an external torchrun other than rank 0: it writes no run folder."""
+    return int(os.environ.get("RANK", "0")) != 0
+
+
+def run_folder(resume: Optional[str], base: str) -> str:
+    if resume:
+        # Checked here, before Hydra creates the folder: a resume that cannot start creates nothing.
+        if not (Path(resume) / ".hydra" / "config.yaml").is_file():
+            raise UserError(f"resume={resume} is not a run folder (no .hydra/config.yaml in it)")
+        return str(resume)
+    if is_nonzero_rank():
+        return tempfile.mkdtemp(prefix="runner-rank-")
+    return claim_unique_dir(base)
+
+
+def hydra_subdir(resume: Optional[str]) -> Optional[str]:
+    # A resumed run keeps the .hydra/ of its first start: that is the config it continues. So does
+    # a job of a resumed sweep that ran before (resume=<sweep folder> replays the sweep's command,
+    # whose composition would otherwise overwrite the job's config with today's presets).
+    return None if resume or is_nonzero_rank() or started_before() else ".hydra"
+
+
+def started_before() -> bool:
+    """Whether the job's output folder (evaluated by Hydra once it is set) holds a run already."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        folder = Path(HydraConfig.get().runtime.output_dir)
+    except Exception:  # not set yet (composition), or no Hydra: a new folder
+        return False
+    return (folder / "summary.json").is_file() and (folder / ".hydra" / "config.yaml").is_file()
