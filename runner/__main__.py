@@ -53,22 +53,21 @@ def main() -> None:
 
     @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="config")
     def task(cfg: DictConfig) -> float:
-        from runner.job import continued_in_sweep, monitored_value, remove_if_never_started, run_job
+        from runner.job import continued_in_sweep, monitored_value, run_job
 
         started.append(True)
         hydra_cfg = HydraConfig.get()
         run_dir = Path(hydra_cfg.runtime.output_dir)
         if hydra_cfg.mode == RunMode.MULTIRUN and continued_in_sweep(cfg, run_dir):
             return monitored_value(run_dir, cfg.trainer.monitor)  # completed before: kept as it is
+        single = hydra_cfg.mode == RunMode.RUN
         try:
-            sweep_dir = hydra_cfg.sweep.dir if hydra_cfg.mode == RunMode.MULTIRUN else None
-            code = run_job(cfg, run_dir, dict(hydra_cfg.runtime.choices), list(hydra_cfg.overrides.task), sweep_dir)
+            code = run_job(cfg, run_dir, dict(hydra_cfg.runtime.choices), list(hydra_cfg.overrides.task),
+                           None if single else hydra_cfg.sweep.dir, single=single)
         except UserError as e:  # found before the run started: one line, no run folder content
             print(f"error: {e}", file=sys.stderr)
             code = EXIT_USER_ERROR
-        if hydra_cfg.mode == RunMode.RUN and code != 0:
-            if code == EXIT_USER_ERROR and not cfg.resume:
-                remove_if_never_started(run_dir)
+        if single and code != 0:
             sys.exit(code)
         if code in (EXIT_SIGINT, EXIT_SIGTERM):
             write_summary_csv(Path(hydra_cfg.sweep.dir))  # the jobs that ran, this one interrupted

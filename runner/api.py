@@ -38,7 +38,7 @@ def logging_to(path: Path) -> Iterator[None]:
 
 def run(overrides: Sequence[str] = (), config_dir: str | None = None) -> dict[str, Any]:
     from runner.engine.results import read_summary
-    from runner.job import remove_if_never_started, run_job
+    from runner.job import run_job
 
     cfg = compose_job(overrides, config_dir)
     HydraConfig.instance().set_config(cfg)  # ${hydra:...} in the config (the run's name) resolves
@@ -46,18 +46,9 @@ def run(overrides: Sequence[str] = (), config_dir: str | None = None) -> dict[st
     choices = OmegaConf.to_container(cfg.hydra.runtime.choices)
     with open_dict(cfg):
         del cfg["hydra"]
-    if not cfg.resume:
-        (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
-        OmegaConf.save(OmegaConf.create(list(overrides)), run_dir / ".hydra" / "overrides.yaml")
-    try:
-        with logging_to(run_dir / "run.log"):
-            code = run_job(cfg, run_dir, choices, list(overrides))
-    except UserError:
-        if not cfg.resume:
-            remove_if_never_started(run_dir)
-        raise
-    summary = read_summary(run_dir) or {}
-    if code == EXIT_USER_ERROR and not cfg.resume and remove_if_never_started(run_dir):
+    with logging_to(run_dir / "run.log"):
+        code = run_job(cfg, run_dir, choices, list(overrides), single=True, save_config=True)
+    if not run_dir.is_dir():
         run_dir = None  # rejected before training: no folder is left behind
-    return {**summary, "run_dir": str(run_dir) if run_dir else None, "exit_code": code}
+    summary = read_summary(run_dir) if run_dir is not None else None
+    return {**(summary or {}), "run_dir": str(run_dir.resolve()) if run_dir else None, "exit_code": code}

@@ -15,16 +15,16 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from rich.console import Console
 
 from runner.config import Config, typed
-from runner.errors import EXIT_OK, UserError
+from runner.errors import EXIT_OK, EXIT_USER_ERROR, UserError
 from runner.runs.files import folder_in_use, hold_folder
 from runner.loggers.base import JobInfo
 
-# Overrides a resumed run takes: its length, its logging and checkpoint cadence, where it runs.
+# Overrides a resumed run takes: its length, its logging and checkpoint cadence, where it runs, its callbacks.
 # Everything else (model, data, optimizer, schedule, seed, ...) would make it another run.
 CHANGEABLE_ON_RESUME = ("trainer.max_epochs", "trainer.max_steps", "trainer.log_every_n_steps",
                         "trainer.val_every_n_steps", "trainer.ckpt_every_n_steps", "trainer.ckpt_every_n_epochs",
                         "trainer.progress",
-                        "trainer.num_workers", "trainer.eval_batch_size", "device", "logger")
+                        "trainer.num_workers", "trainer.eval_batch_size", "device", "logger", "callbacks")
 LENGTH = ("trainer.max_epochs", "trainer.max_steps")
 
 
@@ -65,6 +65,8 @@ def load_resumed_config(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig
     refuse_unchangeable(keys)
     for key in keys:
         OmegaConf.update(resumed, key, OmegaConf.select(cfg, key), merge=False, force_add=True)
+    if "callbacks" not in resumed:  # saved before callbacks were a group: the built-in ones, as then
+        resumed.callbacks = cfg.callbacks
     resumed.resume = str(folder)
     return resumed
 
@@ -80,7 +82,8 @@ def remove_if_never_started(run_dir: Path) -> bool:
     from runner.engine.results import read_summary
 
     summary = read_summary(run_dir) if (run_dir / "summary.json").is_file() else None
-    if summary is not None and (summary.get("steps") or (run_dir / "checkpoints").exists()):
+    if summary is not None and (summary.get("steps") or summary.get("status") == "completed"
+                                or (run_dir / "checkpoints").exists()):
         return False
     shutil.rmtree(run_dir, ignore_errors=True)
     return True
@@ -102,12 +105,6 @@ def monitored_value(run_dir: Path, monitor: str) -> float:
     summary = read_summary(run_dir) or {}
     value = summary.get("metrics", {}).get(monitor)
     return float(value) if isinstance(value, (int, float)) and summary.get("status") == "completed" else float("nan")
-
-
-def job_status(run_dir: Path) -> str | None:
-    from runner.job import summary_status
-
-    return summary_status(run_dir)
 
 
 def continued_in_sweep(cfg: DictConfig, run_dir: Path) -> bool:
@@ -150,6 +147,24 @@ def prepare_job(cfg: DictConfig, run_dir: Path, choices: dict[str, Any], overrid
     return Job(config, run_dir, choices, JobInfo.of(overrides, sweep_dir, cfg.resume))
 
 
+def check_folder(cfg: DictConfig, run_dir: Path) -> None:
+    """A run folder is written by one run, ever: a new run refuses a folder that holds another
+    run's results, a resumed run writes into its own folder alone, and a completed run whose
+    last checkpoint is gone cannot be extended (it would train again from step 0)."""
+    if not cfg.resume:
+        if (run_dir / "summary.json").is_file() or (run_dir / "checkpoints").is_dir():
+            raise UserError(f"{run_dir} holds another run's results: a new run needs a new folder (leave "
+                            "hydra.run.dir to runner), or continue that run with resume={run_dir}")
+        return
+    resumed = Path(cfg.resume)
+    if run_dir.resolve() != resumed.resolve():
+        raise UserError(f"resume={resumed} continues in its own folder; hydra.run.dir={run_dir} names another")
+    if summary_status(resumed) == "completed" and not (resumed / "checkpoints" / "last.pt").is_file():
+        raise UserError(f"{resumed} has completed and kept no checkpoints/last.pt (trainer.keep_last=false, or no "
+                        "checkpoints callback): it cannot be extended; start a new run (ckpt_path=<its best.pt> "
+                        "starts from its weights)")
+
+
 def run_prepared(job: Job) -> int:
     """Run the job in its folder, held against other processes; ``device=ddp`` starts one worker
     per device. Returns the exit code."""
@@ -165,7 +180,24 @@ def run_prepared(job: Job) -> int:
 
 
 def run_job(cfg: DictConfig, run_dir: Path, choices: dict[str, Any], overrides: Sequence[str] = (),
-            sweep_dir: str | None = None) -> int:
-    """The job's exit code (see ``prepare_job`` and ``run_prepared``)."""
-    job = prepare_job(cfg, run_dir, choices, overrides, sweep_dir)
-    return EXIT_OK if job is None else run_prepared(job)
+            sweep_dir: str | None = None, single: bool = False, save_config: bool = False) -> int:
+    """The one entry from a composed config to an exit code, for the command line, ``runner.run``
+    and the tests alike (see ``prepare_job`` and ``run_prepared``). ``single``: a run alone, not
+    a sweep's job: rejected before it trained, it leaves no folder behind. ``save_config``: write
+    ``.hydra/`` as Hydra's command line does (``runner.run``). A UserError found before the run
+    started propagates, for the caller to say."""
+    check_folder(cfg, Path(run_dir))  # before anything is written into it
+    if save_config and not cfg.resume:
+        (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
+        OmegaConf.save(OmegaConf.create([str(o) for o in overrides]), run_dir / ".hydra" / "overrides.yaml")
+    try:
+        job = prepare_job(cfg, run_dir, choices, overrides, sweep_dir)
+        code = EXIT_OK if job is None else run_prepared(job)
+    except UserError:
+        if single and not cfg.resume:
+            remove_if_never_started(run_dir)
+        raise
+    if single and code == EXIT_USER_ERROR and not cfg.resume:
+        remove_if_never_started(run_dir)
+    return code

@@ -185,7 +185,3 @@ class Schedule:
         self.step_count = int(state["step_count"])
         self.written = [None] * len(self.written)
         self.write()
-
-
-def schedule_target(node: Any) -> Any:
-    return locate(plain(node).get("_target_"))

@@ -41,19 +41,18 @@ def compose(*overrides: str, with_hydra: bool = False):
 
 
 def run_in_process(tmp_path: Path, *overrides: str) -> tuple[int, Path]:
-    """Run a job in this process (faster than the CLI); returns (exit code, run folder)."""
-    from omegaconf import OmegaConf, open_dict
+    """Run a job in this process through ``runner.run`` (the users' Python entry: the same
+    composition, checks and run folder as the command line), into ``tmp_path/run``; returns
+    (exit code, run folder). A config rejected before the run starts gives exit code 2."""
+    from runner import run
+    from runner.errors import EXIT_USER_ERROR, UserError
 
-    from runner.config import typed
-    from runner.engine.run import run
-
-    cfg = compose(*overrides, with_hydra=True)
-    choices = OmegaConf.to_container(cfg.hydra.runtime.choices)
-    with open_dict(cfg):
-        del cfg["hydra"]
     run_dir = tmp_path / "run"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run(typed(cfg), run_dir, choices), run_dir
+    try:
+        summary = run([*overrides, f"hydra.run.dir={run_dir}"])
+    except UserError:
+        return EXIT_USER_ERROR, run_dir
+    return summary["exit_code"], run_dir
 
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None):

@@ -27,7 +27,7 @@ CATALOGUE = [
     (["trainer.val_every_n_steps=-1"], "trainer.val_every_n_steps=-1 must be >= 0"),
     (["trainer.ckpt_every_n_steps=-2"], "trainer.ckpt_every_n_steps=-2 must be >= 0"),
     (["trainer.ckpt_every_n_epochs=0"], "trainer.ckpt_every_n_epochs=0 must be > 0"),
-    (["trainer.limit_train_batches=0"], "trainer.limit_train_batches=0 must be > 0, or -1 for no limit"),
+    (["trainer.limit_train_batches=0"], "trainer.limit_train_batches=0 must be a number of batches"),
     (["trainer.max_steps=0"], "trainer.max_steps=0 must be > 0, or -1 for no limit"),
     (["trainer.max_epochs=0"], "trainer.max_epochs=0 must be > 0"),
     (["trainer.batch_size=0"], "trainer.batch_size=0 must be > 0"),

@@ -132,7 +132,7 @@ def _vote(rank: int, port: int, hear_at: int, out) -> None:
     for step in range(1, 1000):
         if rank == 1 and step == hear_at:
             flag.signum = signal.SIGTERM
-        signum = flag.agreed(now=step % 250 == 0)  # an epoch end every 250 steps
+        signum, _ = flag.agreed(now=step % 250 == 0)  # an epoch end every 250 steps
         if signum is not None:
             out[rank] = (step, signum)
             break

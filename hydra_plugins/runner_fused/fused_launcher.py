@@ -49,13 +49,14 @@ class FusedLauncher(Launcher):
         """Hydra's job body here: the job made ready (runner.job.Job), None where it completed in
         an earlier run of this sweep, or exit code 2 for a bad config."""
         from runner.errors import EXIT_USER_ERROR, UserError
-        from runner.job import continued_in_sweep, prepare_job
+        from runner.job import check_folder, continued_in_sweep, prepare_job
 
         hydra_cfg = HydraConfig.get()
         run_dir = Path(hydra_cfg.runtime.output_dir)
         if continued_in_sweep(cfg, run_dir):
             return None
         try:
+            check_folder(cfg, run_dir)
             return prepare_job(cfg, run_dir, dict(hydra_cfg.runtime.choices), list(hydra_cfg.overrides.task),
                                hydra_cfg.sweep.dir)
         except UserError as e:
@@ -113,7 +114,7 @@ class FusedLauncher(Launcher):
                 ret.status, ret.return_value = JobStatus.COMPLETED, monitored_value(run_dir, ret.cfg.trainer.monitor)
             else:
                 ret.status = JobStatus.FAILED
-                ret._return_value = JobFailed(f"exit code {codes[i]}")
+                ret.return_value = JobFailed(f"exit code {codes[i]}")
         if interrupted:
             raise SweepInterrupted(interrupted)
         return returns

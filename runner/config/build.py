@@ -15,6 +15,7 @@ import importlib
 import inspect
 import types
 import typing
+from enum import Enum
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -33,10 +34,21 @@ def locate(path: str) -> Any:
 
 
 def plain(node: Any) -> dict[str, Any]:
-    """A config node as a plain dict, interpolations resolved."""
+    """A config node as a plain dict, interpolations resolved and enums as their names (a key
+    that interpolates ``${trainer.monitor_mode}`` gets ``"min"``, as the YAML says)."""
     if isinstance(node, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(node, resolve=True)
-    return dict(node)
+        return OmegaConf.to_container(node, resolve=True, enum_to_str=True)
+    return {k: _named(v) for k, v in dict(node).items()}
+
+
+def _named(value: Any) -> Any:
+    if isinstance(value, Enum):
+        return value.name
+    if isinstance(value, dict):
+        return {k: _named(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_named(v) for v in value)
+    return value
 
 
 def _type_ok(value: Any, annotation: Any) -> bool:

@@ -66,9 +66,17 @@ def check_trainer(config: Config) -> None:
     for key in ("val_every_n_steps", "ckpt_every_n_steps", "num_workers"):
         if getattr(t, key) < 0:
             raise UserError(f"trainer.{key}={getattr(t, key)} must be >= 0 (0: {NEVER[key]})")
-    for key in ("max_steps", "limit_train_batches"):
-        if getattr(t, key) == 0 or getattr(t, key) < -1:
-            raise UserError(f"trainer.{key}={getattr(t, key)} must be > 0, or -1 for no limit")
+    if t.max_steps == 0 or t.max_steps < -1:
+        raise UserError(f"trainer.max_steps={t.max_steps} must be > 0, or -1 for no limit")
+    for key in ("limit_train_batches", "limit_val_batches", "limit_test_batches"):
+        limit = getattr(t, key)
+        whole = isinstance(limit, int) and not isinstance(limit, bool) and (limit >= 1 or limit == -1)
+        fraction = isinstance(limit, float) and 0.0 < limit <= 1.0
+        if not (whole or fraction):
+            raise UserError(f"trainer.{key}={limit!r} must be a number of batches (1, 2, ...), a fraction of the "
+                            "split in (0, 1] (0.2), or -1 for all of it")
+    if t.overfit_batches < 0:
+        raise UserError(f"trainer.overfit_batches={t.overfit_batches} must be >= 0 (0: off)")
 
 
 def check_modes(config: Config) -> None:

@@ -82,7 +82,13 @@ class TrainerConfig:
     steps_per_graph: int = 1  # with cuda_graph and data_on_device: optimizer steps per graph launch
     data_on_device: bool = False  # keep a tensor-backed training set on the device, batch it there
     channels_last: bool = False
-    limit_train_batches: int = -1  # -1 = all; for smoke runs
+    # Debug runs (the debug group: debug=fdr|overfit|limit|profiler|anomaly). A limit is a whole
+    # number of batches (1, 2, ...), a fraction of the split (0.2), or -1 for all of it.
+    limit_train_batches: Any = -1
+    limit_val_batches: Any = -1
+    limit_test_batches: Any = -1
+    fast_dev_run: bool = False  # one batch of train, val and test, one epoch
+    overfit_batches: int = 0  # > 0: train on the same N batches every epoch (no augmentation), validate on N
     progress: str = "auto"  # auto | rich | plain | none
     early_stopping: EarlyStopping = field(default_factory=EarlyStopping)
     save_top_k: int = 1  # best checkpoints kept by trainer.monitor (best.pt is the best); 0 = none
@@ -119,6 +125,8 @@ class Config:
     resume: Optional[str] = None  # a run folder to continue in place
     output_root: str = "outputs"
     logger: Any = field(default_factory=dict)  # {name: _target_ node}: the selected loggers (runner/loggers/)
+    debug: Optional[str] = None  # set by the debug group's options: the run is a debug run (summary.json says so)
+    callbacks: Any = field(default_factory=dict)  # {name: _target_ node}: the run's callbacks (runner/callbacks/)
 
 
 def typed(cfg: DictConfig) -> Config:
@@ -133,9 +141,23 @@ def typed(cfg: DictConfig) -> Config:
             raise UserError(f"unknown key '{where}{unknown[0]}'; allowed keys of {section or 'the config'}: "
                             f"{', '.join(sorted(allowed))}")
     try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), cfg))
+        config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), cfg))
     except MissingMandatoryValue as e:
         raise UserError(f"missing required value: {e.full_key} (set it on the command line: {e.full_key}=...)") from None
     except (InterpolationResolutionError, ValidationError) as e:
         key = getattr(e, "full_key", None)
         raise UserError((f"{key}: " if key else "") + str(e).splitlines()[0]) from None
+    return spelled_out(config)
+
+
+def spelled_out(config: Config) -> Config:
+    """The debug shortcuts as the settings they stand for, so that the engine knows only limits:
+    trainer.fast_dev_run (one batch of each split, one epoch) and trainer.overfit_batches (N
+    batches of train and of val)."""
+    t = config.trainer
+    if t.fast_dev_run:
+        t.limit_train_batches = t.limit_val_batches = t.limit_test_batches = 1
+        t.max_epochs, t.max_steps, t.val_every_n_steps = 1, -1, 0
+    if t.overfit_batches > 0:
+        t.limit_train_batches = t.limit_val_batches = t.overfit_batches
+    return config

@@ -29,7 +29,7 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2.functional import normalize, to_dtype
 
 from runner.data.classification import classification_bundle, stratified_split
-from runner.data.transforms import Transforms, check_first, fit_size, item_key
+from runner.data.transforms import Transforms, check_first, fit_size, item_key, without_augmentation
 from runner.data.unlabelled import EXTENSIONS, UnlabelledImages, images_under
 from runner.engine.family import DataBundle
 from runner.errors import UserError
@@ -74,6 +74,9 @@ class ClassFolder(ImageFolder):
     @property
     def seeded_items(self) -> bool:
         return self.image_transforms.active
+
+    def without_augmentation(self) -> "ClassFolder":
+        return without_augmentation(self, "image_transforms")
 
     def __getitem__(self, key: Any) -> tuple[Tensor, int]:
         index, seed = item_key(key)

@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, TensorDataset
 
 from runner.data.classification import classification_bundle
-from runner.data.transforms import Transforms, check_first, fit_size, item_key
+from runner.data.transforms import Transforms, check_first, fit_size, item_key, without_augmentation
 from runner.data.idx import find_idx, read_idx
 from runner.engine.family import DataBundle
 from runner.errors import UserError
@@ -56,6 +56,9 @@ class AugmentedImages(Dataset):
 
     def __init__(self, images: Tensor, labels: Tensor, transforms: Transforms, stats: tuple[float, float]) -> None:
         self.images, self.labels, self.transforms, self.stats = images, labels, transforms, stats
+
+    def without_augmentation(self) -> "AugmentedImages":
+        return without_augmentation(self, "transforms")
 
     def __len__(self) -> int:
         return len(self.labels)

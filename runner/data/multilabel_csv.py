@@ -42,7 +42,7 @@ from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
 from torchvision.transforms.v2.functional import resize
 
 from runner.data.sampling import check_sampler, multilabel_bundle
-from runner.data.transforms import Transforms, check_first, fit_size, item_key
+from runner.data.transforms import Transforms, check_first, fit_size, item_key, without_augmentation
 from runner.data.unlabelled import UnlabelledImages, images_under
 from runner.engine.family import DataBundle
 from runner.errors import UserError
@@ -86,6 +86,9 @@ class CSVImages(Dataset):
 
     def sample_ids(self) -> list[str]:
         return [str(p) for p in self.paths]
+
+    def without_augmentation(self) -> "CSVImages":
+        return without_augmentation(self, "transforms")
 
     def __len__(self) -> int:
         return len(self.paths)

@@ -152,3 +152,13 @@ def check_first(dataset: Dataset) -> None:
     collate, to_device = getattr(dataset, "collate", None), getattr(dataset, "to_device", None)
     if collate is not None and to_device is not None:
         to_device(collate([item]), torch.device("cpu"))
+
+
+def without_augmentation(dataset: object, attribute: str) -> object:
+    """A shallow copy of ``dataset`` whose ``attribute`` (its Transforms) does nothing: the same
+    images, brought to the model's size as always, never randomly changed (trainer.overfit_batches)."""
+    import copy
+
+    plain = copy.copy(dataset)
+    setattr(plain, attribute, Transforms())
+    return plain

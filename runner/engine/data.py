@@ -149,12 +149,33 @@ def train_batches_per_epoch(dataset: Dataset, batch_size: int, world: int, preba
     return -(-per_rank // batch_size)
 
 
-def eval_loader(dataset: Dataset, *, batch_size: int, rank: int, world: int, prebatched: bool,
-                num_workers: int = 0, pin: bool = False) -> DataLoader:
-    workers = torch.Generator().manual_seed(0)  # evaluation leaves the training RNG alone
+def limited(batches: int, limit: int | float) -> int:
+    """``batches`` cut by a trainer.limit_*_batches value: a count, a fraction (at least one
+    batch), or -1 for all of them."""
+    if limit == -1:
+        return batches
+    if isinstance(limit, float):
+        return max(1, int(limit * batches))
+    return min(batches, int(limit))
+
+
+def eval_items(dataset: Dataset, batch_size: int, prebatched: bool, limit: int | float) -> int:
+    """How many items of a split an evaluation takes: all, or the first batches a limit leaves
+    (evaluated exactly: each of them once, under any number of processes)."""
+    n = len(dataset)
     if prebatched:
-        return _loader(RowShard(dataset, rank, world), range(len(dataset)), None, num_workers, pin, workers)
-    return _loader(dataset, exact_eval_indices(len(dataset), rank, world), batch_size, num_workers, pin, workers)
+        return limited(n, limit)
+    return min(n, limited(-(-n // batch_size), limit) * batch_size)
+
+
+def eval_loader(dataset: Dataset, *, batch_size: int, rank: int, world: int, prebatched: bool,
+                num_workers: int = 0, pin: bool = False, items: int | None = None) -> DataLoader:
+    """``items``: the first items of the split only (a debug run's limit)."""
+    workers = torch.Generator().manual_seed(0)  # evaluation leaves the training RNG alone
+    n = len(dataset) if items is None else items
+    if prebatched:
+        return _loader(RowShard(dataset, rank, world), range(n), None, num_workers, pin, workers)
+    return _loader(dataset, exact_eval_indices(n, rank, world), batch_size, num_workers, pin, workers)
 
 
 class DeviceBatches:
@@ -175,9 +196,10 @@ class DeviceBatches:
         order = train_order(self.n, seed, epoch, weights)[rank::world][skip_batches * batch_size:].to(self.device)
         return ResidentEpoch(self, order, batch_size)
 
-    def eval_batches(self, *, batch_size: int, rank: int, world: int) -> Iterator[Any]:
-        """This process's exact evaluation shard, as contiguous slices (views: no copies)."""
-        shard = exact_eval_indices(self.n, rank, world)
+    def eval_batches(self, *, batch_size: int, rank: int, world: int, items: int | None = None) -> Iterator[Any]:
+        """This process's exact evaluation shard (of the first ``items``), as contiguous slices
+        (views: no copies)."""
+        shard = exact_eval_indices(self.n if items is None else items, rank, world)
         for start in range(shard.start, shard.stop, batch_size):
             rows = tuple(t[start:min(start + batch_size, shard.stop)] for t in self.tensors)
             yield rows if self.as_tuple else rows[0]
@@ -222,3 +244,10 @@ def resident(dataset: Dataset, device: torch.device) -> DeviceBatches:
     if str(device) not in copies:
         copies[str(device)] = DeviceBatches(dataset, device)
     return copies[str(device)]
+
+
+def unaugmented(dataset: Dataset) -> Dataset:
+    """The training split without its random augmentation (trainer.overfit_batches): a dataset
+    that augments says how to leave it out (``without_augmentation()``); others are as they are."""
+    drop = getattr(dataset, "without_augmentation", None)
+    return drop() if drop is not None else dataset

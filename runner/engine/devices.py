@@ -93,6 +93,14 @@ class DeviceContext:
         dist.all_gather(gathered, padded)
         return torch.cat([g[:c] for g, c in zip(gathered, counts)])
 
+    def any_rank(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on any process (a collective: every rank calls it at the same point)."""
+        if not self.distributed:
+            return bool(flag)
+        value = torch.tensor([int(bool(flag))], device=self.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
     def broadcast_object(self, obj: Any) -> Any:
         if not self.distributed:
             return obj

@@ -6,7 +6,7 @@ The engine knows nothing about images, latent variables or text. A family gives 
 * ``train_loss(batch)``: the *sum* of per-unit losses over the batch and the number of units
   (samples, or tokens for a language model). The engine adds these up over the micro-batches
   of an optimizer step and divides the gradients by the total count, which is what makes
-  accumulation exact (DESIGN.md, "Accumulation is exact").
+  accumulation exact (README.md, "Engine guarantees").
 * ``evaluator(split)``: an object that sees every evaluation batch of a split and keeps only
   additive state: ``sums`` (reduced by summing across processes) and ``rows`` (per-sample
   tensors, concatenated across processes). ``compute()`` turns the reduced state into metrics.
@@ -79,7 +79,7 @@ class Evaluator(ABC):
 
 
 class Family(ABC):
-    """Base class of the three families; see the module docstring."""
+    """Base class of the families (runner/families/); see the module docstring."""
 
     model: nn.Module
     # Name of the unit that train_loss counts ("samples" or "tokens"), for logs and summary.
@@ -88,7 +88,7 @@ class Family(ABC):
     # has its own, and ``rng_at_build``, the global RNG states as it was built, which its
     # checkpoints hold as a run alone's would (runner/engine/fused.py).
     generator: torch.Generator | None = None
-    rng_at_build: dict[str, Any] = {}
+    rng_at_build: dict[str, Any] | None = None
 
     @property
     def raw_model(self) -> nn.Module:

@@ -38,10 +38,10 @@ from runner.config import compat, rules
 from runner.engine import devices
 from runner.engine.family import StepInParts
 from runner.engine.graphs import GraphedStep, step_slice
-from runner.engine.loop import Trainer, Window, fit
+from runner.engine.loop import Trainer
+from runner.engine.windows import Window
 from runner.engine.precision import autocast
-from runner.engine.run import RunLife
-from runner.engine.signals import SignalFlag
+from runner.engine.run import run_jobs
 from runner.engine.stacked_optimizer import StackedOptimizer, stackable_optimizers
 
 log = logging.getLogger("runner")
@@ -156,8 +156,7 @@ class FusedStep:
         self.running = torch.zeros(len(self.slots), device=self.device, dtype=torch.float64)
         for j, t in enumerate(self.slots):
             if t is not None:
-                t.stepper.running_loss = self.running[j]
-                t.stepper.zero_grad = False  # take_gradients overwrites the gradients
+                t.stepper.join_group(self.running[j])  # take_gradients overwrites the gradients
         generators = tuple(t.family.generator for t in live)
         self.graphed = GraphedStep(self.step, generators=generators) if captured else None
         self.steps_per_launch = steps_per_launch
@@ -224,71 +223,45 @@ def own_generator(device: torch.device) -> torch.Generator:
     return generator
 
 
+class FusedGroup:
+    """How fused jobs train together (runner/engine/run.py ``run_jobs``): one data bundle, each
+    job drawing from its own generator, every parameter stacked before any optimizer exists, and
+    one ``FusedStep`` for the group."""
+
+    shares_data = in_group = True
+
+    def __init__(self) -> None:
+        self.stacks: StackedParameters | None = None
+        self.stacked_jobs: list[bool] = []  # which jobs have a slice of the stack (their model was built)
+
+    def built(self, life: Any, family: StepInParts) -> None:
+        family.generator, family.rng_at_build = own_generator(life.ctx.device), ckpt.rng_state()
+
+    def bind(self, families: list[StepInParts | None]) -> None:
+        built = [f for f in families if f is not None]
+        self.stacked_jobs = [f is not None for f in families]
+        if built:
+            self.stacks = StackedParameters([f.raw_model for f in built])
+
+    def take_steps(self, lives: list[Any], trainers: list[Trainer | None]) -> Callable[..., Any]:
+        """The group's step; ``trainers`` in job order (None: failed before training)."""
+        slots = [t for t, stacked in zip(trainers, self.stacked_jobs) if stacked]
+        live = [t for t in trainers if t is not None]
+        settings = live[0].settings
+        step = FusedStep(slots, self.stacks, precision=settings.precision, captured=settings.cuda_graph,
+                         steps_per_launch=settings.steps_per_graph, compiled=settings.compile,
+                         compile_mode=settings.compile_mode, compiled_optimizer=settings.compile_optimizer,
+                         stacked_optimizer=None not in slots and stackable_optimizers(
+                             [life.config for life in lives if life.trainer is not None], [t.optimizer for t in live]))
+        log.info("fused group of %d jobs%s: %s", len(live),
+                 " (one optimizer over the stack)" if step.stacked_optimizer is not None
+                 else " (each job steps its own optimizer)", ", ".join(str(t.run_dir) for t in live))
+        return step.take_steps
+
+
 def run_group(jobs: Sequence[tuple[Config, Path, dict[str, str], Any]]) -> list[int]:
     """Train jobs (config, run folder, choices, JobInfo) that fuse as one group; their exit codes."""
-    lives = [RunLife(config, run_dir, choices, job=info) for config, run_dir, choices, info in jobs]
-    families: list[StepInParts | None] = []
-    bundle = None
-    for life in lives:  # each job built as it would be alone: seeded, then its model drawn
-        try:
-            family = life.prepare(bundle)
-            bundle = life.bundle
-            family.generator, family.rng_at_build = own_generator(life.ctx.device), ckpt.rng_state()
-            families.append(family)
-        except (Exception, KeyboardInterrupt) as e:
-            life.fail(e)
-            families.append(None)
-    built = [f for f in families if f is not None]
-    slots: list[Trainer | None] = [None] * len(lives)
-    if built:
-        stacks = StackedParameters([f.raw_model for f in built])
-        for j, (life, family) in enumerate(zip(lives, families)):
-            if family is None:
-                continue
-            try:
-                slots[j] = life.make_trainer(family)
-                slots[j].stepper.keep_grad_memory = True  # its .grad is a view into the stacked gradient
-            except (Exception, KeyboardInterrupt) as e:
-                life.fail(e)
-        slots = [slot for slot, family in zip(slots, families) if family is not None]
-    trainers = [t for t in slots if t is not None]
-    if trainers:
-        lead = trainers[0]
-        for t in trainers[1:]:  # one clock and one display for the group
-            t.clock, t.progress = lead.clock, lead.progress
-        for t in trainers:
-            t.closed_weights = str(t.run_dir / "checkpoints" / "last.pt") if t.run_dir is not None else None
-        settings = lead.t
-        step = FusedStep(slots, stacks, precision=settings.precision, captured=settings.cuda_graph,
-                         steps_per_launch=settings.steps_per_graph, compiled=settings.compile,
-                         compile_mode=settings.compile_mode,
-                         compiled_optimizer=settings.compile_optimizer,
-                         stacked_optimizer=None not in slots and stackable_optimizers(
-                             [life.config for life in lives if life.trainer is not None],
-                             [t.optimizer for t in trainers]))
-        log.info("fused group of %d jobs%s: %s", len(trainers),
-                 " (one optimizer over the stack)" if step.stacked_optimizer is not None
-                 else " (each job steps its own optimizer)",
-                 ", ".join(str(t.run_dir) for t in trainers))
-    with SignalFlag() as stop:
-        if trainers:
-            try:
-                fit(trainers, step.take_steps, stop)
-            except (Exception, KeyboardInterrupt) as e:  # the group's step itself failed: every job with it
-                for life in lives:
-                    if life.trainer is not None and life.status == "running":
-                        life.fail(e)
-        codes = []
-        for life in lives:  # a signal during one job's evaluation or close: no later evaluation starts
-            if life.trainer is not None and life.status == "running":
-                try:
-                    with stop.immediate("the test evaluation"):
-                        life.test()
-                except (Exception, KeyboardInterrupt) as e:
-                    life.fail(e)
-            codes.append(life.close())
-    devices.shutdown()
-    return codes
+    return run_jobs(jobs, FusedGroup())
 
 
 # Settings in which fused jobs may differ: each job has its own seed, optimizer and loss object,
@@ -309,8 +282,8 @@ def fusion_key(config: Config) -> str:
         for part in path:
             node = node.get(part, {})
         node.pop(last, None)
-    last = Path(config.resume or "") / "checkpoints" / "last.pt"
-    step = ckpt.load_checkpoint(last)["loop"]["step"] if config.resume and last.is_file() else 0
+    last = ckpt.load_last(Path(config.resume)) if config.resume else None
+    step = last["loop"]["step"] if last is not None else 0
     return repr((settings, step))
 
 

@@ -1,6 +1,5 @@
-"""The run folder's result files: metrics.jsonl (one row per logged evaluation), summary.json and
-``plots/curves.png``; each row and the end of the run also go to the run's loggers
-(``logger=[csv,tensorboard,mlflow,wandb]``, runner/loggers/)."""
+"""The run folder's result files: metrics.jsonl (one row per logged evaluation) and summary.json;
+each row and the end of the run also go to the run's loggers (``logger=[csv,tensorboard,...]``, runner/loggers/)."""
 from __future__ import annotations
 
 import json
@@ -10,8 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from runner.report import plots
-from runner.runs.files import append_line, atomic_write_json, atomic_write_text
+from runner.runs.files import append_line, atomic_write_json, atomic_write_text, json_text, overwrite_in_place, read_rows
 from runner.loggers import Loggers, RunInfo
 
 STATUSES = ("running", "completed", "failed", "interrupted")
@@ -78,8 +76,9 @@ class RunResults:
             torn.unlink(missing_ok=True)
         rows_file = self.run_dir / "metrics.jsonl"
         if rows_file.is_file():
-            kept = [line for line in rows_file.read_text().splitlines() if line.strip() and _before(line, step)]
-            atomic_write_text(rows_file, "".join(line + "\n" for line in kept))
+            rows = read_rows(rows_file)
+            kept = [row for row in rows if row.get("split") != "test" and (row.get("step") or 0) <= step]
+            atomic_write_text(rows_file, "".join(json.dumps(row) + "\n" for row in kept))
 
     def write_summary(self, **fields: Any) -> None:
         if self.held:
@@ -88,26 +87,23 @@ class RunResults:
         self.summary["wall_time_s"] = round(time.time() - self.started, 3)
         self.summary["metrics"] = {k: _plain(v) for k, v in self.summary["metrics"].items()}
         if self.enabled:
-            atomic_write_json(self.run_dir / "summary.json", self.summary)
+            try:
+                atomic_write_json(self.run_dir / "summary.json", self.summary)
+            except OSError:
+                if self.summary["status"] == "running":
+                    raise
+                # The end of the run on a full disk: the file in place (its old blocks freed first)
+                # rather than a summary that goes on saying running. Still failing: the caller says so.
+                overwrite_in_place(self.run_dir / "summary.json", json_text(self.summary))
             if self.summary["status"] == "running":  # the run starts: so do its loggers
                 self.loggers.start()
 
-    def finish(self, title: str | None = None) -> None:
-        """End of the run (any status): draw the run's plots, then hand the final summary, the
-        status and the plots to the loggers, which close."""
+    def finish(self) -> None:
+        """End of the run (any status), after the callbacks' end (the plots are drawn): the final
+        summary and status go to the loggers, which close."""
         if self.held:  # a resume that did not start: the folder stays as it was
             return
-        if self.enabled:
-            plots.draw_safely("plots/curves.png", plots.plot_curves, self.run_dir / "metrics.jsonl",
-                              self.run_dir / "plots" / "curves.png", title=title or self.title)
         self.loggers.finish(self.summary, self.summary["status"])
-
-
-def _before(line: str, step: int) -> bool:
-    """Whether a metrics.jsonl row was logged at or before ``step`` of training (test rows are
-    written again when the resumed run tests)."""
-    row = json.loads(line)
-    return row.get("split") != "test" and (row.get("step") or 0) <= step
 
 
 def read_summary(run_dir: Path) -> dict[str, Any] | None:

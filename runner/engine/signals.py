@@ -29,11 +29,18 @@ class SignalFlag:
         self.signum: int | None = None
         self._during: str | None = None  # inside immediate(): what a signal interrupts
         self._previous: dict[int, Any] = {}
-        self._group = dist.new_group(backend="gloo") if distributed else None  # collective: every rank calls it
+        self._group = None
+        self.join(distributed)
         self._pending: tuple[Any, torch.Tensor] | None = None
         self._until_vote = 1  # calls of agreed() until the next vote; the same on every rank
         self._since_vote = 0
         self._last_vote = time.perf_counter()
+
+    def join(self, distributed: bool) -> None:
+        """Vote with the other ranks from now on (once the process group exists: a collective,
+        every rank calls it)."""
+        if distributed and self._group is None:
+            self._group = dist.new_group(backend="gloo")
 
     def __enter__(self) -> "SignalFlag":
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -66,30 +73,36 @@ class SignalFlag:
     VOTE_EVERY_S = 0.2
     MAX_STEPS_BETWEEN_VOTES = 100
 
-    def agreed(self, now: bool = False) -> int | None:
-        """The signal to stop on, the same on every rank at the same call, or None. ``now``:
-        decide on the current flags (blocking; at epoch ends) rather than an earlier vote's."""
+    def agreed(self, now: bool = False, requested: bool = False) -> tuple[int | None, bool]:
+        """(the signal to stop on, whether a callback's stop request is agreed): the same on every
+        rank at the same call. ``requested``: this rank's callbacks asked to stop (one process:
+        handled by the trainer at once, so only the signal counts). ``now``: decide on the current
+        flags (blocking; at epoch ends) rather than an earlier vote's."""
         if self._group is None:
-            return self.signum
+            return self.signum, False
         self._until_vote -= 1
         self._since_vote += 1
         if self._until_vote > 0 and not now:
-            return None
+            return None, False
         decided = None
         if self._pending is not None:
             work, vote = self._pending
             work.wait()
-            decided, self._until_vote = int(vote[0]) or None, int(vote[1])
+            decided = self._read(vote)
             self._pending = None
-        if decided is None:
-            vote = torch.tensor([self.signum or 0, self._steps_until_next_vote()], dtype=torch.int64)
+        if decided is None or decided == (None, False):
+            vote = torch.tensor([self.signum or 0, int(requested), self._steps_until_next_vote()], dtype=torch.int64)
             work = dist.all_reduce(vote, op=dist.ReduceOp.MAX, group=self._group, async_op=True)
             if now:
                 work.wait()
-                decided, self._until_vote = int(vote[0]) or None, int(vote[1])
+                decided = self._read(vote)
             else:
                 self._pending = (work, vote)
-        return decided
+        return decided or (None, False)
+
+    def _read(self, vote: torch.Tensor) -> tuple[int | None, bool]:
+        self._until_vote = int(vote[2])
+        return int(vote[0]) or None, bool(vote[1])
 
     def _steps_until_next_vote(self) -> int:
         """Rank 0's choice (the others post 0, and the vote takes the maximum): as many steps as

@@ -10,7 +10,6 @@ the device in ``running_loss`` and are read only at logging points.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
@@ -19,25 +18,15 @@ from torch import Tensor
 from runner.engine.devices import DeviceContext
 from runner.engine.family import Family
 from runner.engine.graphs import GraphedStep, step_slice
+from runner.engine.windows import Window
 from runner.engine.precision import autocast
 from runner.errors import NonFiniteLoss
-
-
-@dataclass
-class Window:
-    """The work of one optimizer step: ``micro_batches`` yields (batch, weight, is_last) for an
-    eager or single captured step; ``stacked`` holds the batches of ``steps`` captured steps
-    launched at once."""
-
-    micro_batches: Iterator[tuple[Any, int, bool]] | None = None
-    stacked: Any = None
-    steps: int = 1
 
 
 class OptimizerStep:
     def __init__(self, family: Family, optimizer: torch.optim.Optimizer, ctx: DeviceContext, precision: str,
                  clip: float, skip_nonfinite: bool, captured: bool, steps_per_launch: int,
-                 compiled_optimizer: bool = False):
+                 compiled_optimizer: bool = False, keep_grad_memory: bool = False):
         self.family, self.optimizer, self.ctx = family, optimizer, ctx
         self.model = family.model  # possibly wrapped (DDP, compile); family.raw_model is the bare one
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -58,8 +47,13 @@ class OptimizerStep:
         self.last_skipped = False  # whether the last eager step was skipped as non-finite
         # A captured step owns its gradients' memory, as does a fused group (its jobs' gradients
         # are views into one stacked tensor): zeroed in place, never set to None.
-        self.keep_grad_memory = captured
+        self.keep_grad_memory = captured or keep_grad_memory
         self.zero_grad = True  # a fused group overwrites its gradients at each step instead
+
+    def join_group(self, running_loss: Tensor) -> None:
+        """This job's step is taken by a fused group (runner/engine/fused.py): its running loss
+        is a slice of the group's, and its gradients are overwritten at each step, not zeroed."""
+        self.running_loss, self.zero_grad = running_loss, False
 
     def update(self, scale: Tensor | float | None, skip: bool = False) -> None:
         """Divide the summed gradients by the step's units (``scale`` = 1 / units; None: divided
@@ -139,6 +133,19 @@ class OptimizerStep:
         for s in range(self.steps_per_launch):
             self.captured_step(step_slice(batches, s))
 
+    def running_totals(self) -> tuple[Tensor, int]:
+        """The loss sum and units since the last logging point, over all processes (a host read;
+        every rank calls it): a checkpoint keeps them, so that the first training row after a
+        resume averages the same steps as the uninterrupted run's."""
+        units = int(self.ctx.all_reduce_sum(torch.tensor(self.running_units, device=self.ctx.device)).item())
+        return self.ctx.all_reduce_sum(self.running_loss).detach().double().cpu(), units
+
+    def restore_running(self, loss: Tensor, units: int) -> None:
+        """Rank 0 carries the totals on; the other ranks start from zero (the next reading sums them)."""
+        main = self.ctx.rank == 0
+        self.running_loss.copy_(loss if main else torch.zeros_like(loss))  # in place: a captured step adds into it
+        self.running_units = units if main else 0
+
     def take_running_loss(self) -> float:
         """The mean training loss since the last call, over all processes (a host read)."""
         ctx = self.ctx
@@ -158,6 +165,11 @@ class OptimizerStep:
             raise NonFiniteLoss(
                 f"non-finite training loss (NaN or Inf) in family '{family_name}' at optimizer step {bad}; "
                 "lower optim.lr, use trainer.precision=32, or set trainer.skip_nonfinite=true to skip such steps")
+
+    def take_skipped(self) -> int:
+        """1 if the last eager step was skipped as non-finite (trainer.skip_nonfinite), else 0."""
+        skipped, self.last_skipped = int(self.last_skipped), False
+        return skipped
 
     def take_pending_units(self) -> int:
         """Units counted on the device under DDP since the last call (a host read)."""

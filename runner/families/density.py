@@ -18,6 +18,7 @@ from typing import Any
 from torch import Tensor
 
 from runner.config.build import build as build_node, plain
+from runner.report import plots
 from runner.engine.family import DataBundle, StepInParts
 from runner.errors import UserError
 from runner.config.compat import Accepts
@@ -71,7 +72,7 @@ class DensityFamily(StepInParts):
     def evaluator(self, split: str) -> DensityEvaluator:
         nll_k = self.loss.val_eval_k if split == "val" else self.loss.eval_k
         evaluator = DensityEvaluator(self.raw_model, self.loss, nll_k, self.dim)
-        if split == "test":  # summary.json's `active_units` (DESIGN/issue key) is the test set's
+        if split == "test":  # summary.json's `active_units` is the test set's
             evaluator.unprefixed = {"active_units"}
         return evaluator
 
@@ -80,19 +81,11 @@ class DensityFamily(StepInParts):
             write_samples_plot(self.raw_model, self.bundle.test, self.image_shape, Path(run_dir) / "plots" / "samples.png")
 
 
-_warned_no_matplotlib = False
-
-
 def write_samples_plot(model: VAE, test_set, image_shape: tuple[int, int], path: Path) -> bool:
     """Prior samples (left) and test images over their reconstructions (right). False when
-    matplotlib is absent (said once per process)."""
-    global _warned_no_matplotlib
-    try:
-        from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
-    except ImportError:
-        if not _warned_no_matplotlib:
-            log.warning("matplotlib is not installed: plots/samples.png is not written (pip install matplotlib)")
-            _warned_no_matplotlib = True
+    matplotlib is absent."""
+    Figure = plots.figure_class()
+    if Figure is None:
         return False
     device = next(model.parameters()).device
     was_training = model.training
@@ -117,8 +110,7 @@ def write_samples_plot(model: VAE, test_set, image_shape: tuple[int, int], path:
         ax.imshow(grid, cmap="gray", vmin=0, vmax=1)
         ax.set_title(title, fontsize=9)
         ax.axis("off")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plots.save(fig, path)
     return True
 
 

@@ -22,22 +22,19 @@ from typing import Any, Callable
 
 from torch import Tensor
 
-from runner.runs.files import atomic_write
+from runner.runs.files import atomic_write, read_rows
 
 log = logging.getLogger(__name__)
 PANEL_SIZE = (4.0, 3.0)  # inches per panel
-_warned_no_matplotlib = False
 
 
 def figure_class() -> type | None:
-    """matplotlib's Figure, or None (warned once per process) where matplotlib is not installed."""
-    global _warned_no_matplotlib
+    """matplotlib's Figure, or None where matplotlib is not installed (a warning, which Python
+    shows once per process)."""
     try:
         from matplotlib.figure import Figure
     except ImportError:
-        if not _warned_no_matplotlib:
-            log.warning("matplotlib is not installed: no plots (pip install matplotlib)")
-            _warned_no_matplotlib = True
+        warnings.warn("matplotlib is not installed: no plots (pip install matplotlib)", RuntimeWarning, stacklevel=2)
         return None
     return Figure
 
@@ -81,7 +78,7 @@ def _number(value: Any) -> float | None:
 
 
 def read_metrics(metrics_jsonl: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(metrics_jsonl).read_text().splitlines() if line.strip()]
+    return read_rows(metrics_jsonl)
 
 
 def series(rows: list[dict[str, Any]], split: str, key: str) -> tuple[list[int], list[float]]:

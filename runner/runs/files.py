@@ -4,12 +4,15 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator
 
 from runner.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 def _umask() -> int:
@@ -53,8 +56,23 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
+def json_text(obj: Any) -> str:
+    return json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n"
+
+
 def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+    atomic_write_text(path, json_text(obj))
+
+
+def overwrite_in_place(path: str | Path, text: str) -> None:
+    """Replace a file's content where it is: truncated first, so that on a full disk its own
+    blocks make room for the new text (not atomic: for last words, where atomic failed)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, text.encode("utf-8"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def append_line(path: str | Path, line: str) -> None:
@@ -115,3 +133,17 @@ def folder_in_use(run_dir: Path) -> bool:
         return True
     finally:
         os.close(fd)
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl's rows; a line a crash left half-written (the last one) is dropped with a
+    warning naming the file, and the run goes on without it."""
+    rows = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            log.warning("%s, line %d is not a whole row (a write cut short): left out", path, number)
+    return rows
