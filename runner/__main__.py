@@ -62,7 +62,7 @@ def main() -> None:
             return monitored_value(run_dir, cfg.trainer.monitor)  # completed before: kept as it is
         single = hydra_cfg.mode == RunMode.RUN
         try:
-            code = run_job(cfg, run_dir, dict(hydra_cfg.runtime.choices), list(hydra_cfg.overrides.task),
+            code, _ = run_job(cfg, run_dir, dict(hydra_cfg.runtime.choices), list(hydra_cfg.overrides.task),
                            None if single else hydra_cfg.sweep.dir, single=single)
         except UserError as e:  # found before the run started: one line, no run folder content
             print(f"error: {e}", file=sys.stderr)

@@ -37,7 +37,6 @@ def logging_to(path: Path) -> Iterator[None]:
 
 
 def run(overrides: Sequence[str] = (), config_dir: str | None = None) -> dict[str, Any]:
-    from runner.engine.results import read_summary
     from runner.job import run_job
 
     cfg = compose_job(overrides, config_dir)
@@ -47,8 +46,6 @@ def run(overrides: Sequence[str] = (), config_dir: str | None = None) -> dict[st
     with open_dict(cfg):
         del cfg["hydra"]
     with logging_to(run_dir / "run.log"):
-        code = run_job(cfg, run_dir, choices, list(overrides), single=True, save_config=True)
-    if not run_dir.is_dir():
-        run_dir = None  # rejected before training: no folder is left behind
-    summary = read_summary(run_dir) if run_dir is not None else None
-    return {**(summary or {}), "run_dir": str(run_dir.resolve()) if run_dir else None, "exit_code": code}
+        code, summary = run_job(cfg, run_dir, choices, list(overrides), single=True, save_config=True)
+    kept = run_dir.is_dir()  # a run rejected before training leaves no folder behind
+    return {**(summary or {}), "run_dir": str(run_dir.resolve()) if kept else None, "exit_code": code}

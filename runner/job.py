@@ -165,9 +165,9 @@ def check_folder(cfg: DictConfig, run_dir: Path) -> None:
                         "starts from its weights)")
 
 
-def run_prepared(job: Job) -> int:
+def run_prepared(job: Job, outcome: dict | None = None) -> int:
     """Run the job in its folder, held against other processes; ``device=ddp`` starts one worker
-    per device. Returns the exit code."""
+    per device. Returns the exit code; ``outcome``: see runner/engine/run.py ``run``."""
     from runner.engine.launch import maybe_spawn
     from runner.engine.run import run  # heavy imports after the config is known to be valid
 
@@ -175,29 +175,34 @@ def run_prepared(job: Job) -> int:
     with hold_folder(job.run_dir if rank0 else None):
         code = maybe_spawn(job.config, job.run_dir, job.choices, job.info)  # ddp: start our own workers if asked
         if code is None:
-            code = run(job.config, job.run_dir if rank0 else None, job.choices, job=job.info)
+            code = run(job.config, job.run_dir if rank0 else None, job.choices, job=job.info, outcome=outcome)
     return code
 
 
 def run_job(cfg: DictConfig, run_dir: Path, choices: dict[str, Any], overrides: Sequence[str] = (),
-            sweep_dir: str | None = None, single: bool = False, save_config: bool = False) -> int:
+            sweep_dir: str | None = None, single: bool = False, save_config: bool = False) -> tuple[int, dict | None]:
     """The one entry from a composed config to an exit code, for the command line, ``runner.run``
-    and the tests alike (see ``prepare_job`` and ``run_prepared``). ``single``: a run alone, not
-    a sweep's job: rejected before it trained, it leaves no folder behind. ``save_config``: write
-    ``.hydra/`` as Hydra's command line does (``runner.run``). A UserError found before the run
-    started propagates, for the caller to say."""
+    and the tests alike (see ``prepare_job`` and ``run_prepared``): (exit code, the run's
+    summary.json as it ended). ``single``: a run alone, not a sweep's job: rejected before it
+    trained, it leaves no folder behind. ``save_config``: write ``.hydra/`` as Hydra's command
+    line does (``runner.run``). A UserError found before the run started propagates, for the
+    caller to say."""
+    from runner.engine.results import read_summary
+
     check_folder(cfg, Path(run_dir))  # before anything is written into it
     if save_config and not cfg.resume:
         (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
         OmegaConf.save(OmegaConf.create([str(o) for o in overrides]), run_dir / ".hydra" / "overrides.yaml")
+    outcome: dict = {}
     try:
         job = prepare_job(cfg, run_dir, choices, overrides, sweep_dir)
-        code = EXIT_OK if job is None else run_prepared(job)
+        code = EXIT_OK if job is None else run_prepared(job, outcome)
     except UserError:
         if single and not cfg.resume:
             remove_if_never_started(run_dir)
         raise
+    summary = outcome or (read_summary(run_dir) if (Path(run_dir) / "summary.json").is_file() else None)
     if single and code == EXIT_USER_ERROR and not cfg.resume:
         remove_if_never_started(run_dir)
-    return code
+    return code, summary

@@ -4,10 +4,14 @@ It moves with every optimizer window from host-side counters alone; the loss it 
 read at the last logging point. One display per process: a fused group's jobs share it."""
 from __future__ import annotations
 
+import logging
+import time
 from typing import Any
 
 from runner.callbacks.base import Callback
-from runner.engine.progress import ProgressDisplay
+from runner.engine.progress import PLAIN_EVERY_S, ProgressDisplay
+
+log = logging.getLogger("runner")
 
 
 class ProgressBar(Callback):
@@ -17,6 +21,7 @@ class ProgressBar(Callback):
         self.mode = mode
         self.display: ProgressDisplay | None = None
         self.jobs = 0  # jobs training with this display (a fused group's share one)
+        self.logged = float("-inf")  # when run.log last got a progress line
 
     def on_fit_start(self, trainer: Any) -> None:
         if self.display is None:
@@ -28,7 +33,13 @@ class ProgressBar(Callback):
         state = trainer.state
         self.display.advance(state.step, state.epoch)
         if row is not None:
-            self.display.update(state.step, state.epoch, row["loss"], row[f"{trainer.family.unit}_per_s"])
+            rate = row[f"{trainer.family.unit}_per_s"]
+            self.display.update(state.step, state.epoch, row["loss"], rate)
+            if time.monotonic() - self.logged >= PLAIN_EVERY_S or state.step >= trainer.total_steps:
+                # run.log keeps what a terminal showed, at the plain display's pace
+                self.logged = time.monotonic()
+                log.info("epoch %d step %d/%d loss %.4f %s %s/s", state.epoch, state.step, trainer.total_steps,
+                         row["loss"], f"{rate:,.0f}", trainer.family.unit)
 
     def on_message(self, trainer: Any, text: str) -> None:
         if self.display is not None:

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import torch
 from omegaconf import OmegaConf
 from rich.console import Console
+from rich.text import Text
 
 from runner.callbacks.base import Callbacks
 from runner.config import Config, Mode, rules
@@ -155,7 +156,10 @@ class RunLife:
             log.warning("after the summary was written: %s", runtime_message(e))
         if self.outcome:
             self.console.print(self.outcome, highlight=False, soft_wrap=True)
+            log.info("%s", Text.from_markup(self.outcome).plain)
         elif self.status == "completed" and results.enabled:
+            log.info("%s: final metrics\n%s", results.title, "\n".join(
+                f"{k} {v}" for k, v in sorted(results.summary["metrics"].items()) if k.count("/") <= 1))
             self.console.print(f"[bold]{results.title}: final metrics", soft_wrap=True)
             self.console.print(metrics_table(results.summary["metrics"]))
             self.console.print(f"run folder: {self.run_dir}", soft_wrap=True)
@@ -179,7 +183,7 @@ class Alone:
 
 
 def run_jobs(jobs: Sequence[tuple[Config, Path | None, dict[str, str] | None, JobInfo | None]],
-             group: Any = None) -> list[int]:
+             group: Any = None, outcome: dict | None = None) -> list[int]:
     """Run the jobs (config, run folder, choices, JobInfo) as one group; their exit codes.
     ``group``: how they train together (``Alone()`` for one job, runner/engine/fused.py's
     ``FusedGroup`` for several); a job that fails to start fails alone."""
@@ -221,6 +225,8 @@ def run_jobs(jobs: Sequence[tuple[Config, Path | None, dict[str, str] | None, Jo
                 except (Exception, KeyboardInterrupt) as e:
                     life.fail(e)
         codes = [life.close() for life in lives]
+    if outcome is not None:
+        outcome.update(lives[0].results.summary)
     devices.shutdown()  # also for a one-process ddp group
     return codes
 
@@ -244,11 +250,13 @@ def train(lives: list[RunLife], take_steps: Any, stop: SignalFlag) -> None:
 
 
 def run(config: Config, run_dir: Path | None, choices: dict[str, str] | None = None,
-        job: JobInfo | None = None) -> int:
+        job: JobInfo | None = None, outcome: dict | None = None) -> int:
     """Run one job; returns the exit code. ``run_dir`` is None on processes other than rank 0;
     ``choices`` names the option chosen in each group (for messages); ``job``: the job's
-    overrides and sweep folder, which the loggers record."""
-    return run_jobs([(config, run_dir, choices, job)])[0]
+    overrides and sweep folder, which the loggers record; ``outcome``: filled with the run's
+    summary as it ended (also where summary.json was left as it was: a resume that could not
+    start)."""
+    return run_jobs([(config, run_dir, choices, job)], outcome=outcome)[0]
 
 
 def stop_reason(trainer: Trainer) -> str:
