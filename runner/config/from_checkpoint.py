@@ -39,9 +39,9 @@ def run_folder_of(ckpt_path: str | Path) -> Path:
 
 
 def saved_run_config(ckpt_path: str | Path) -> DictConfig | None:
-    """The config of the run that wrote the checkpoint: its folder's ``.hydra/config.yaml`` (with
-    that run's preset keys dropped where it changed a ``_target_``, as it ran), else the
-    checkpoint's own ``config``; None where neither is there (a checkpoint from elsewhere)."""
+    """The config of the run that wrote the checkpoint: its folder's ``.hydra/config.yaml`` (the
+    config it ran: runner/config/prepare.py), else the checkpoint's own ``config``; None where
+    neither is there (a checkpoint from elsewhere)."""
     folder = run_folder_of(ckpt_path)
     saved = folder / ".hydra" / "config.yaml"
     if saved.is_file():
@@ -51,22 +51,8 @@ def saved_run_config(ckpt_path: str | Path) -> DictConfig | None:
             raise UserError(f"ckpt_path={ckpt_path}: its run's {saved} is not a readable config: "
                             f"{str(e).splitlines()[0]}") from None
         if isinstance(cfg, DictConfig) and "trainer" in cfg:
-            drop_saved_preset_keys(cfg, folder)
             return cfg
     return checkpoint_config(ckpt_path)
-
-
-def drop_saved_preset_keys(cfg: DictConfig, folder: Path) -> None:
-    """A run that changed a ``_target_`` ran without the preset's keys that target refused
-    (runner/config/targets.py); a folder saved before that rule holds them still."""
-    from runner.config.targets import drop_preset_keys
-
-    overrides = folder / ".hydra" / "overrides.yaml"
-    hydra = folder / ".hydra" / "hydra.yaml"
-    if overrides.is_file():
-        choices = OmegaConf.select(OmegaConf.load(hydra), "hydra.runtime.choices") if hydra.is_file() else None
-        drop_preset_keys(cfg, [str(o) for o in OmegaConf.load(overrides)],
-                         OmegaConf.to_container(choices) if choices is not None else None)
 
 
 def checkpoint_config(ckpt_path: str | Path) -> DictConfig | None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-from pathlib import Path
 from typing import Any, Sequence
 
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -74,14 +73,11 @@ def same_default(old: dict[str, inspect.Parameter] | None, new: inspect.Paramete
         return False
 
 
-def drop_preset_keys(cfg: DictConfig, overrides: Sequence[str], choices: dict[str, Any] | None = None,
-                     saved_config: Path | None = None) -> list[str]:
+def drop_preset_keys(cfg: DictConfig, overrides: Sequence[str], choices: dict[str, Any] | None = None) -> list[str]:
     """Drop from ``cfg`` (in place) the preset keys of every node whose ``_target_`` the
     overrides set, which the new target does not take with the same meaning (module docstring).
     ``overrides``: Hydra's task overrides; ``choices``: the option chosen in each group (where
-    known, the old target's defaults decide); ``saved_config``: the run folder's
-    ``.hydra/config.yaml``, rewritten with what the run uses when keys were dropped, so that
-    ``resume=`` and ``mode=eval`` read the config that ran. Returns the dropped keys as ``group.key``."""
+    known, the old target's defaults decide). Returns the dropped keys as ``group.key``."""
     given = {str(o).split("=", 1)[0].lstrip("+~") for o in overrides if "=" in str(o) or str(o).startswith("~")}
     dropped: list[str] = []
     for key in sorted(given):
@@ -106,8 +102,6 @@ def drop_preset_keys(cfg: DictConfig, overrides: Sequence[str], choices: dict[st
             with open_dict(node):
                 del node[name]
             dropped.append(f"{path}.{name}")
-    if dropped and saved_config is not None and Path(saved_config).is_file():
-        OmegaConf.save(cfg, saved_config)
     if dropped:
         log.info("a new _target_ starts its node clean: dropped the preset's %s (the new target does not take "
                  "them, or gives them another default); set them on the command line to keep them", ", ".join(dropped))
