@@ -129,7 +129,8 @@ def test_mnist_training_split_with_transforms_is_made_per_item_and_eval_stays_in
     ("[{_target_:torchvision.transforms.v2.RandomFlipp}]",
      "dataset.train_transforms[0]: torchvision.transforms.v2 has no transform 'RandomFlipp'; did you mean"),
     ("[{_target_:torchvision.transforms.v2.RandomCrop,sise:8}]",
-     "unknown key 'dataset.train_transforms[0].sise'; allowed keys of dataset.train_transforms[0]: fill"),
+     "unknown key 'dataset.train_transforms[0].sise' (did you mean 'size'?); allowed keys of "
+     "dataset.train_transforms[0]: fill"),
     ("[{_target_:torchvision.transforms.v2.Normalize,mean:[0.5],std:[0.2]}]",
      "dataset.train_transforms cannot transform"),
 ])

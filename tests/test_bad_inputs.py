@@ -40,7 +40,8 @@ CATALOGUE = [
                                                           "mode of torch.compile: it needs trainer.compile=true"),
     (["trainer.compile=true", "trainer.compile_mode=reduce-overhead", "trainer.cuda_graph=true"],
      "trainer.compile_mode=reduce-overhead captures CUDA graphs of its own"),
-    (["+trainer.batch_sz=8"], "unknown key 'trainer.batch_sz'; allowed keys of trainer: accumulate_grad_batches"),
+    (["+trainer.batch_sz=8"], "unknown key 'trainer.batch_sz' (did you mean 'batch_size'?); allowed keys of trainer: "
+                              "accumulate_grad_batches"),
     (["+model.width=8"], "unknown key 'model.width'; allowed keys of model: batchnorm, hidden"),
     (["model.hidden=0"], "the model has an empty parameter, 0.weight of shape (0, 8)"),
     (["model=vae1"], "model=vae1 does not fit the regression family"),
@@ -68,8 +69,8 @@ def test_bad_input_exits_2_with_one_line(tmp_path, overrides, needle):
 
 @pytest.mark.parametrize("args, needle", [
     (["trainer.foo=1"], "allowed keys of trainer: accumulate_grad_batches"),
-    (["loss=nope"], "Available options in 'loss'"),
-    (["optim=rmsprop"], "Available options in 'optim'"),
+    (["loss=nope"], "unknown option loss=nope; available options in 'loss': asl, bce"),
+    (["optim=rmsprop"], "unknown option optim=rmsprop; available options in 'optim': adam, adamw, sgd"),
     (["trainer.batch_size=abc"], "trainer.batch_size"),
 ])
 def test_composition_errors_do_not_depend_on_hydra_full_error(tmp_path, args, needle):

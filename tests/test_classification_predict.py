@@ -89,7 +89,10 @@ def test_predictions_on_unlabelled_images_are_the_models_outputs(tmp_path, train
     with torch.no_grad():
         expected = torch.softmax(model(images), 1).numpy()
     assert table[["prob_blue", "prob_green", "prob_red"]].to_numpy() == pytest.approx(expected, abs=1e-5)
-    assert list(table["predicted"]) == expected.argmax(1).tolist()
+    assert list(table["predicted_index"]) == expected.argmax(1).tolist()
+    assert list(table["predicted"]) == [("blue", "green", "red")[i] for i in expected.argmax(1)]
+    assert "label" not in table  # new images: no labels, no score
+    assert json.loads((run_dir / "summary.json").read_text())["predictions"]["metric"] == {}
 
 
 def test_multilabel_predictions_on_unlabelled_images_and_its_checkpoint_refused_by_classification(tmp_path, trained):

@@ -23,11 +23,12 @@ def test_iwae_silhouettes_preset_end_to_end(tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed"
     metrics = summary["metrics"]
-    for key in ("val/loss", "val/bound", "test/loss", "test/nll_k20", "active_units",
+    for key in ("val/loss", "val/bound", "test/loss", "test/nll_k20", "test/active_units", "val/active_units",
                 "test/active_units_1", "test/active_units_2"):
         assert key in metrics, key
     assert "val/nll_k20" not in metrics  # val stays cheap: only the bound (loss.val_eval_k=0)
-    assert metrics["active_units"] == metrics["test/active_units_1"] + metrics["test/active_units_2"]
+    assert metrics["test/active_units"] == metrics["test/active_units_1"] + metrics["test/active_units_2"]
+    assert not [key for key in metrics if "/" not in key]  # every metric names its split
     assert metrics["test/nll_k20"] < metrics["test/loss"] + 5  # k=20 estimate at least about as tight as k=5
     assert summary["eval_samples"] == {"val": 50, "test": 40}
     assert (run_dir / "plots" / "samples.png").is_file()

@@ -51,7 +51,7 @@ def test_parallel_evaluation_counts_every_sample_once(tmp_path):
         assert res.returncode == 0, res.stderr
     s1, s2 = summary(only_run_folder(tmp_path / "eval1")), summary(only_run_folder(tmp_path / "eval2"))
     assert s1["eval_samples"] == s2["eval_samples"] == {"val": 1001, "test": 1001}
-    assert s2["metrics"]["test/n"] == 1001.0
+    assert set(s1["metrics"]) == {"val/loss", "test/loss"}  # the sample count is bookkeeping, not a metric
     for key in s1["metrics"]:
         # equal up to float32 summation order: the shards cut the batches at other places
         assert s2["metrics"][key] == pytest.approx(s1["metrics"][key], rel=1e-6), key

@@ -60,8 +60,8 @@ def test_eval_only_from_checkpoint(tmp_path):
 @pytest.mark.parametrize("override, needle, code", [
     ("trainer.foo=1", "allowed keys of trainer: accumulate_grad_batches", 2),
     ("trainer.batch_size=abc", "trainer.batch_size", 2),
-    ("loss=nope", "Available options in 'loss'", 2),
-    ("optim=rmsprop", "Available options in 'optim'", 2),
+    ("loss=nope", "available options in 'loss'", 2),
+    ("optim=rmsprop", "available options in 'optim'", 2),
     ("optim._target_=torch.optim.Nope", "cannot be imported", 2),
     ("optim.momentum=-5", "Invalid momentum value", 2),
     ("trainer.batch_size=0", "trainer.batch_size=0 must be > 0", 2),

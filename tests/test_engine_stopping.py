@@ -91,5 +91,5 @@ def test_the_bar_moves_before_the_first_log_point(tmp_path):
     screen = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", b"".join(chunks).decode(errors="replace"))
     assert proc.returncode == 0, screen[-2000:]
     assert screen.index("run folder:") < screen.index("device:") < screen.index("10/10")
-    moving = re.findall(r"\b([1-9])/10\b[^\n\r]*loss -", screen)  # counted, loss not yet read
+    moving = re.findall(r"\b([1-9])/10\b[^\n\r]*loss —", screen)  # counted, loss not yet read
     assert len(set(moving)) >= 3, screen[-3000:]

@@ -159,7 +159,8 @@ def test_all_four_loggers_find_the_final_metric(tmp_path):
     table = pd.read_csv(run_dir / "metrics.csv")
     jsonl = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(table) == len(jsonl) and list(table["split"]) == [r["split"] for r in jsonl]
-    assert {"epoch", "step", "split", "train/loss", "train/lr", "val/loss", "test/loss"} <= set(table.columns)
+    assert set(table.columns) == {"epoch", "step", "split"} | {key for row in jsonl for key in row}  # the same keys
+    assert table.loc[table["split"] == "train", "loss"].tolist() == [r["loss"] for r in jsonl if r["split"] == "train"]
     assert table.loc[table["split"] == "test", "test/loss"].item() == pytest.approx(final)
     assert table.loc[table["split"] == "train", "val/loss"].isna().all()
 
@@ -269,15 +270,15 @@ def test_csv_grows_a_column_per_new_metric_and_starts_from_the_kept_rows(tmp_pat
     for row in rows:
         logger.log_row(row)
     table = pd.read_csv(tmp_path / "metrics.csv")
-    assert list(table.columns) == ["epoch", "step", "split", "train/loss", "train/lr", "val/loss", "test/loss", "weights"]
-    assert list(table["train/loss"].fillna(-1)) == [2.0, -1, 1.0, -1] and table["test/loss"].iloc[3] == 1.2
+    assert list(table.columns) == ["epoch", "step", "split", "loss", "lr", "val/loss", "test/loss", "weights"]  # as logged
+    assert list(table["loss"].fillna(-1)) == [2.0, -1, 1.0, -1] and table["test/loss"].iloc[3] == 1.2
     assert not list(tmp_path.glob(".metrics.csv.*"))  # rewritten atomically: no temporary left
     # a resumed run: the engine kept metrics.jsonl's rows up to its checkpoint; the CSV follows
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
     resumed = CSVLogger(info)
     resumed.start()
     resumed.log_row({"epoch": 0, "step": 8, "split": "train", "loss": 0.9, "lr": 0.1})
-    assert list(pd.read_csv(tmp_path / "metrics.csv")["train/loss"].fillna(-1)) == [2.0, -1, 0.9]
+    assert list(pd.read_csv(tmp_path / "metrics.csv")["loss"].fillna(-1)) == [2.0, -1, 0.9]
 
 
 # --- failures ----------------------------------------------------------------------------------

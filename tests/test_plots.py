@@ -186,6 +186,22 @@ def test_curves_mark_few_points_skip_flat_panels_and_give_the_lr_its_own_panel()
     assert panels["train loss"].lines[0].get_marker() in ("None", None, "")  # 100 points: a line
 
 
+def test_curves_draw_one_series_once_and_a_wide_positive_one_on_a_log_axis():
+    pytest.importorskip("matplotlib")
+    first_val = [63076.0, 101.2, 95.0, 93.1]  # an untrained first evaluation, as a density run's can be
+    rows = rows_of([4, 8, 12, 16], loss=[900.0, 120.0, 99.0, 97.0], lr=[0.1] * 4)
+    rows += rows_of([4, 8, 12, 16], split="val", val__loss=first_val, val__nll=list(first_val),
+                    val__bound=[-63076.0, -101.2, -95.0, -93.1], val__accuracy=[0.5, 0.6, 0.65, 0.7])
+    panels = {ax.get_title(): ax for ax in plots.curves_figure(rows).axes if ax.get_visible()}
+    assert set(panels) == {"train loss", "val/loss = val/nll", "val/bound", "val/accuracy"}
+    merged = panels["val/loss = val/nll"]
+    assert len(merged.lines) == 1 and list(merged.lines[0].get_ydata()) == first_val
+    assert merged.get_yscale() == "log"  # positive, 63076 / 93.1 > 100
+    assert panels["train loss"].get_yscale() == "linear"  # 900 / 97 < 100
+    assert panels["val/bound"].get_yscale() == "linear"  # negative: no log axis
+    assert panels["val/accuracy"].get_yscale() == "linear"
+
+
 def test_pr_curves_keep_the_point_at_half_visible_on_the_tuned_one():
     pytest.importorskip("matplotlib")
     probs, targets = torch.rand(40, 2), (torch.rand(40, 2) < 0.4).float()

@@ -2,6 +2,8 @@
 outputs, the same under 2 processes as under 1, and bad checkpoints refused."""
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 import pytest
 import torch
@@ -55,12 +57,19 @@ def test_multilabel_predictions_use_the_thresholds_tuned_on_val(tmp_path):
     thresholds = torch.load(ckpt, weights_only=True)["family"]["thresholds"]
     code, run_dir = run_in_process(tmp_path / "predict", *tiny, "mode=predict", f"ckpt_path={ckpt}")
     assert code == 0
-    table = pd.read_csv(run_dir / "predictions.csv")
+    table = pd.read_csv(run_dir / "predictions.csv", keep_default_na=False)
     assert len(table) == 50
-    for i, name in enumerate(("red_square", "green_disc", "blue_triangle", "yellow_cross")):
+    labels = ("red_square", "green_disc", "blue_triangle", "yellow_cross")
+    for i, name in enumerate(labels):
         probs = table[f"prob_{name}"]
         assert probs.between(0, 1).all()
         assert ((probs >= float(thresholds[i])).astype(int) == table[f"pred_{name}"]).all()
+    # `predicted` names the labels decided positive; the test split's labels are beside them, and score the run.
+    assert list(table["predicted"]) == ["|".join(n for n in labels if row[f"pred_{n}"]) for _, row in table.iterrows()]
+    assert set(table[[f"label_{n}" for n in labels]].to_numpy().ravel()) <= {0, 1}
+    trained = json.loads((ckpt.parent.parent / "summary.json").read_text())
+    metric = json.loads((run_dir / "summary.json").read_text())["predictions"]["metric"]
+    assert metric["mAP"] == pytest.approx(trained["metrics"]["test/mAP"])  # best.pt on the same test split
 
 
 def test_density_predictions_and_a_checkpoint_of_another_family(tmp_path, regression_ckpt):
@@ -86,10 +95,19 @@ def test_classification_predictions_and_classes_that_differ(tmp_path):
     code, run_dir = run_in_process(tmp_path / "predict", *small, "mode=predict", f"ckpt_path={ckpt}")
     assert code == 0
     table = pd.read_csv(run_dir / "predictions.csv")
-    probs = table[[c for c in table.columns if c.startswith("prob_")]].to_numpy()
+    names = [c.removeprefix("prob_") for c in table.columns if c.startswith("prob_")]
+    probs = table[[f"prob_{name}" for name in names]].to_numpy()
     assert len(table) == 41 and probs.shape[1] == 10
     assert probs.sum(1) == pytest.approx(1.0, abs=1e-4)
-    assert (probs.argmax(1) == table["predicted"]).all() and table["probability"].to_numpy() == pytest.approx(probs.max(1))
+    assert (probs.argmax(1) == table["predicted_index"]).all() and table["probability"].to_numpy() == pytest.approx(probs.max(1))
+    assert list(table["predicted"]) == [names[i] for i in table["predicted_index"]]  # the class named, beside its index
+    # The test split has labels: the file holds them, and the run's end scores the predictions by them.
+    assert list(table["label"]) == [names[i] for i in table["label_index"]]
+    trained = json.loads((ckpt.parent.parent / "summary.json").read_text())
+    predicted = json.loads((run_dir / "summary.json").read_text())["predictions"]
+    assert predicted["rows"] == 41 and predicted["path"] == str(run_dir / "predictions.csv")
+    assert predicted["metric"]["accuracy"] == pytest.approx((table["predicted"] == table["label"]).mean())
+    assert predicted["metric"]["accuracy"] == pytest.approx(trained["metrics"]["test/accuracy"])  # best.pt, same split
     state = torch.load(ckpt, weights_only=True)
     state["family"]["class_names"] = ["other"] * 10
     torch.save(state, tmp_path / "renamed.pt")

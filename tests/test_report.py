@@ -52,21 +52,21 @@ def test_sweep_report_means_and_stds(tmp_path, capsys):
     assert "did not complete" in capsys.readouterr().out
 
 
-def test_a_metric_without_a_slash_is_averaged_not_grouped_by(tmp_path):
-    """active_units (a density metric with no split prefix) differs between seeds: one row per
-    loss all the same, its mean over the seeds."""
+def test_a_metric_that_differs_between_seeds_is_averaged_not_grouped_by(tmp_path):
+    """test/active_units differs between seeds: one row per loss, with its mean over the seeds
+    (not a row per value, as an override would make)."""
     units = {"elbo": [16, 15, 16], "iwae": [50, 50, 50]}
     for job, (loss, seed) in enumerate((l, s) for l in units for s in range(3)):
         folder = tmp_path / str(job)
         (folder / ".hydra").mkdir(parents=True)
         (folder / ".hydra" / "overrides.yaml").write_text(f"- loss={loss}\n- trainer.seed={seed}\n")
         (folder / "summary.json").write_text(json.dumps(
-            {"status": "completed", "metrics": {"test/nll": 100.0 + job, "active_units": units[loss][seed]}}))
-    assert main([str(tmp_path), "--metric", "test/nll", "--metric", "active_units"]) == 0
+            {"status": "completed", "metrics": {"test/nll": 100.0 + job, "test/active_units": units[loss][seed]}}))
+    assert main([str(tmp_path), "--metric", "test/nll", "--metric", "test/active_units"]) == 0
     report = pd.read_csv(tmp_path / "report.csv")
     assert list(report.columns[:1]) == ["loss"] and len(report) == 2
     row = report[report["loss"] == "elbo"].iloc[0]
-    assert row["seeds"] == 3 and row["active_units mean"] == pytest.approx(np.mean(units["elbo"]))
+    assert row["seeds"] == 3 and row["test/active_units mean"] == pytest.approx(np.mean(units["elbo"]))
 
 
 def test_report_errors_are_clear(tmp_path, capsys):

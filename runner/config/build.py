@@ -20,6 +20,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from runner.config.suggest import did_you_mean
 from runner.errors import UserError
 
 RESERVED = ("_target_", "_partial_")
@@ -109,8 +110,9 @@ def checked_kwargs(node: Any, group: str, extra: dict[str, Any] | None = None,
         if key not in accepted:
             if takes_any:
                 continue
-            allowed = ", ".join(sorted({*user_keys, *own_keys})) or "(none)"
-            raise UserError(f"unknown key '{group}.{key}'; allowed keys of {group}: {allowed}")
+            allowed = sorted({*user_keys, *own_keys})
+            raise UserError(f"unknown key '{group}.{key}'{did_you_mean(key, allowed)}; allowed keys of {group}: "
+                            f"{', '.join(allowed) or '(none)'}")
         annotation = hints.get(key, accepted[key].annotation)
         if not _type_ok(value, annotation):
             raise UserError(f"{group}.{key}={value!r} has the wrong type: expected {_type_name(annotation)}")

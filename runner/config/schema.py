@@ -12,6 +12,7 @@ from typing import Any, Optional
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue, ValidationError
 
+from runner.config.suggest import did_you_mean
 from runner.errors import UserError
 
 
@@ -138,8 +139,8 @@ def typed(cfg: DictConfig) -> Config:
         unknown = sorted(set(node.keys()) - allowed) if isinstance(node, DictConfig) else []
         if unknown:  # a `+key` that no code reads: refused like a typo
             where = f"{section}." if section else ""
-            raise UserError(f"unknown key '{where}{unknown[0]}'; allowed keys of {section or 'the config'}: "
-                            f"{', '.join(sorted(allowed))}")
+            raise UserError(f"unknown key '{where}{unknown[0]}'{did_you_mean(unknown[0], allowed)}; allowed keys of "
+                            f"{section or 'the config'}: {', '.join(sorted(allowed))}")
     try:
         config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), cfg))
     except MissingMandatoryValue as e:

@@ -41,9 +41,8 @@ def evaluate(family: Family, bundle: DataBundle, split: str, ctx: DeviceContext,
     sums = {k: ctx.all_reduce_sum(v.to(ctx.device)).cpu() for k, v in sorted(evaluator.sums.items())}
     rows = {k: ctx.gather_rows(torch.cat(v).to(ctx.device)).cpu() for k, v in sorted(evaluator.rows.items())}
     count = int(ctx.all_reduce_sum(torch.tensor(evaluator.count, device=ctx.device)).item())
-    raw = evaluator.compute(sums, rows)
-    unprefixed = getattr(evaluator, "unprefixed", set())
-    metrics = {(k if k in unprefixed else f"{split}/{k}"): float(v) for k, v in raw.items()}
+    # Every metric carries its split (test/active_units beside val/active_units).
+    metrics = {f"{split}/{k}": float(v) for k, v in evaluator.compute(sums, rows).items()}
     return metrics, count
 
 

@@ -1,10 +1,14 @@
 """mode=predict: ``predictions.csv``, one row per sample in dataset order, exact under any number
 of processes (each process predicts a contiguous shard; rows are gathered in rank order, without
-padding). The family says what a row holds (``Family.predict``); the dataset may name its
-samples (``sample_ids()``: file paths), otherwise the row number identifies them."""
+padding). The family says what a row holds (``Family.predict``: tensors, so that they gather),
+and optionally how the gathered columns read in the file (``prediction_table``: class names for
+indices) and what they score where the data have labels (``prediction_metric``: accuracy, mAP).
+The dataset may name its samples (``sample_ids()``: file paths), otherwise the row number
+identifies them."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import torch
@@ -28,8 +32,10 @@ def prediction_split(bundle: DataBundle) -> tuple[str, object]:
 
 
 def predict(family: Family, bundle: DataBundle, ctx: DeviceContext, trainer: TrainerConfig,
-            run_dir: Path | None) -> int:
-    """Write ``<run_dir>/predictions.csv`` (rank 0); returns the number of rows."""
+            run_dir: Path | None) -> dict[str, Any]:
+    """Write ``<run_dir>/predictions.csv`` (rank 0). Returns what the run's end says of it:
+    ``path`` (None off rank 0), ``rows`` and ``metric`` (``{"accuracy": 0.94}`` over the labels
+    where the data have them; empty otherwise)."""
     if not hasattr(family, "predict"):
         raise UserError(f"the {bundle.family} family does not write predictions")
     split, dataset = prediction_split(bundle)
@@ -45,10 +51,21 @@ def predict(family: Family, bundle: DataBundle, ctx: DeviceContext, trainer: Tra
                 columns.setdefault(name, []).append(values.detach().float().reshape(len(values), -1))
     gathered = {name: ctx.gather_rows(torch.cat(parts).to(ctx.device)).cpu() for name, parts in columns.items()}
     rows = len(next(iter(gathered.values()))) if gathered else 0
-    if ctx.is_main and run_dir is not None:
+    metric = family.prediction_metric(gathered) if hasattr(family, "prediction_metric") else {}
+    path = Path(run_dir) / "predictions.csv" if ctx.is_main and run_dir is not None else None
+    if path is not None:
         ids = dataset.sample_ids() if hasattr(dataset, "sample_ids") else list(range(rows))
+        named = family.prediction_table(gathered) if hasattr(family, "prediction_table") else gathered
         table = pd.DataFrame({"sample": ids[:rows]})
-        for name, values in gathered.items():
-            table[name] = values[:, 0].numpy() if values.shape[1] == 1 else list(values.numpy())
-        atomic_write_text(Path(run_dir) / "predictions.csv", table.to_csv(index=False, float_format="%.6g"))
-    return rows
+        for name, values in named.items():
+            table[name] = column(values)
+        atomic_write_text(path, table.to_csv(index=False, float_format="%.6g"))
+    return {"path": str(path) if path is not None else None, "rows": rows, "metric": metric}
+
+
+def column(values: Any) -> Any:
+    """A CSV column: a tensor of one value per row flattened, of several values a list per row."""
+    if not isinstance(values, torch.Tensor):
+        return values
+    values = values.reshape(len(values), -1)
+    return values[:, 0].numpy() if values.shape[1] == 1 else list(values.numpy())

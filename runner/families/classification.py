@@ -77,14 +77,34 @@ class ClassificationFamily(Family):
         return ClassificationEvaluator(self, split)
 
     def predict(self, batch: Any) -> dict[str, Tensor]:
-        """mode=predict: the predicted class, its probability, and every class's probability."""
-        images = batch[0] if isinstance(batch, (tuple, list)) else batch
+        """mode=predict: the predicted class, its probability, every class's probability, and the
+        true class where the data have labels (the test split; not a folder of new images)."""
+        images, targets = split_batch(batch)
         if self.repeat_grey:
             images = images.expand(-1, 3, -1, -1)
         probs = torch.softmax(self.raw_model(images).float(), dim=1)
         confidence, predicted = probs.max(dim=1)
-        return {"predicted": predicted, "probability": confidence,
+        return {"predicted_index": predicted, "probability": confidence,
+                **({"label_index": targets} if targets is not None else {}),
                 **{f"prob_{name}": probs[:, c] for c, name in enumerate(self.class_names)}}
+
+    def prediction_table(self, columns: dict[str, Tensor]) -> dict[str, Any]:
+        """predictions.csv's columns: the class names beside their indices (``predicted``,
+        ``predicted_index``; ``label``, ``label_index`` where the data have labels)."""
+        table: dict[str, Any] = {}
+        for name, values in columns.items():
+            if name.endswith("_index"):
+                indices = values.reshape(-1).long()
+                table[name.removesuffix("_index")] = [self.class_names[i] for i in indices.tolist()]
+                values = indices
+            table[name] = values
+        return table
+
+    def prediction_metric(self, columns: dict[str, Tensor]) -> dict[str, float]:
+        """The accuracy of the predictions where the data have labels."""
+        if "label_index" not in columns or not len(columns["label_index"]):
+            return {}
+        return {"accuracy": float((columns["predicted_index"] == columns["label_index"]).double().mean())}
 
     def state_dict(self) -> dict[str, Any]:
         return {"class_names": list(self.class_names)}
@@ -114,6 +134,13 @@ class ClassificationFamily(Family):
         if split == "test":
             plots.draw_safely("plots/confusion_matrix.png", plots.plot_confusion_matrix, confusion, self.class_names,
                               Path(run_dir) / "plots" / "confusion_matrix.png")
+
+
+def split_batch(batch: Any) -> tuple[Tensor, Tensor | None]:
+    """(images, targets or None): a batch of new images has no labels."""
+    if isinstance(batch, (tuple, list)):
+        return batch[0], (batch[1] if len(batch) > 1 else None)
+    return batch, None
 
 
 def check_outputs(logits: Any, targets: Tensor, num_classes: int) -> None:

@@ -71,10 +71,7 @@ class DensityFamily(StepInParts):
 
     def evaluator(self, split: str) -> DensityEvaluator:
         nll_k = self.loss.val_eval_k if split == "val" else self.loss.eval_k
-        evaluator = DensityEvaluator(self.raw_model, self.loss, nll_k, self.dim)
-        if split == "test":  # summary.json's `active_units` is the test set's
-            evaluator.unprefixed = {"active_units"}
-        return evaluator
+        return DensityEvaluator(self.raw_model, self.loss, nll_k, self.dim)
 
     def after_evaluation(self, split: str, metrics: dict[str, float], run_dir: Path | None) -> None:
         if split == "test" and run_dir is not None and self.bundle.test is not None:

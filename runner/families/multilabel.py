@@ -26,6 +26,7 @@ from runner.report import plots
 from runner.config.build import build as build_node
 from runner.engine.family import DataBundle, Evaluator, Family
 from runner.errors import UserError
+from runner.families.classification import split_batch
 from runner.config.compat import Accepts
 from runner.metrics.multilabel import multilabel_metrics, tune_thresholds
 
@@ -76,13 +77,35 @@ class MultiLabelFamily(Family):
         return MultiLabelEvaluator(self, split)
 
     def predict(self, batch: Any) -> dict[str, Tensor]:
-        """mode=predict: each label's probability and its decision at the val-tuned threshold."""
-        images = batch[0] if isinstance(batch, (tuple, list)) else batch
+        """mode=predict: each label's probability and its decision at the val-tuned threshold,
+        and its true value where the data have labels (the test split; not a folder of new images)."""
+        images, targets = split_batch(batch)
         probs = torch.sigmoid(self.raw_model(images).float())
         thresholds = self.thresholds.to(probs.device) if self.thresholds is not None else torch.full_like(probs[0], 0.5)
         columns = {f"prob_{name}": probs[:, i] for i, name in enumerate(self.label_names)}
         columns.update({f"pred_{name}": (probs[:, i] >= thresholds[i]).int() for i, name in enumerate(self.label_names)})
+        if targets is not None:
+            columns.update({f"label_{name}": targets[:, i] for i, name in enumerate(self.label_names)})
         return columns
+
+    def prediction_table(self, columns: dict[str, Tensor]) -> dict[str, Any]:
+        """predictions.csv's columns: first ``predicted``, the names of the labels decided
+        positive (``|``-separated, empty for none), then the per-label columns as 0/1 integers
+        (``pred_*``, ``label_*``) and probabilities (``prob_*``)."""
+        decided = torch.stack([columns[f"pred_{name}"].reshape(-1) for name in self.label_names], 1).bool()
+        table: dict[str, Any] = {"predicted": ["|".join(n for n, on in zip(self.label_names, row) if on)
+                                               for row in decided.tolist()]}
+        for name, values in columns.items():
+            table[name] = values if name.startswith("prob_") else values.reshape(-1).long()
+        return table
+
+    def prediction_metric(self, columns: dict[str, Tensor]) -> dict[str, float]:
+        """The mAP of the probabilities where the data have labels (as the test evaluation computes it)."""
+        if f"label_{self.label_names[0]}" not in columns:
+            return {}
+        probs = torch.stack([columns[f"prob_{name}"].reshape(-1) for name in self.label_names], 1)
+        targets = torch.stack([columns[f"label_{name}"].reshape(-1) for name in self.label_names], 1)
+        return {"mAP": multilabel_metrics(probs, targets, self.label_names)[0]["mAP"]}
 
     def state_dict(self) -> dict[str, Any]:
         """The thresholds tuned on val (a checkpoint carries them to mode=predict) and the labels."""

@@ -51,8 +51,9 @@ class MSEEvaluator(Evaluator):
         self.count += x.shape[0]
 
     def compute(self, sums: dict[str, Tensor], rows: dict[str, Tensor]) -> dict[str, float]:
-        n = rows["prediction"].shape[0]
-        return {"loss": float(sums["squared_error"]) / n, "n": float(n)}
+        # The rows, gathered without padding, count the samples; how many there were is
+        # summary.json's eval_samples, not a metric.
+        return {"loss": float(sums["squared_error"]) / rows["prediction"].shape[0]}
 
 
 class RegressionFamily(StepInParts):

@@ -110,7 +110,10 @@ def is_number(value: Any) -> bool:
 
 def named(row: dict[str, Any]) -> dict[str, Any]:
     """The row's values by tracker name: training metrics get the ``train/`` prefix that
-    evaluation metrics already carry, so that ``loss`` of training and ``val/loss`` stay apart."""
+    evaluation metrics already carry. A tracker keeps one series per name, with no ``split``
+    beside it, and its UI groups series by their prefix (TensorBoard's sections, MLflow's and
+    W&B's panels): ``train/loss`` sits with ``train/lr``, apart from ``val/loss``. metrics.csv,
+    which has a ``split`` column, keeps metrics.jsonl's own keys (``loss``)."""
     train = row.get("split") == "train"
     return {(f"train/{k}" if train and not k.startswith("train/") else k): v
             for k, v in row.items() if k not in POSITION}

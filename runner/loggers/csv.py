@@ -1,5 +1,8 @@
 """``logger=csv``: ``<run>/metrics.csv``, one row per log point (training windows and evaluations),
-one column per metric (``train/loss``, ``val/loss``, ``test/mAP``, ...), for pandas or a spreadsheet.
+one column per metric, for pandas or a spreadsheet. The columns are metrics.jsonl's keys as they
+are (``loss``, ``lr`` of the training rows; ``val/loss``, ``test/mAP``, ...): the ``split`` column
+says which rows are training ones, so the file reads like the JSON lines beside it. (Trackers
+name training metrics ``train/loss``: runner/loggers/base.py ``named``.)
 
 Rows are appended while the columns stay the same; a new metric (the first validation, the test)
 rewrites the file atomically with the new column, so a kill never leaves a torn file.
@@ -13,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from runner.runs.files import append_line, atomic_write_text
-from runner.loggers.base import POSITION, Logger, RunInfo, named
+from runner.loggers.base import POSITION, Logger, RunInfo
 
 
 class CSVLogger(Logger):
@@ -41,7 +44,7 @@ class CSVLogger(Logger):
 
     def add(self, row: dict[str, Any]) -> bool:
         """Keep the row; True when it brought a new column."""
-        values = {key: row.get(key) for key in POSITION} | named(row)
+        values = {key: row.get(key) for key in POSITION} | {k: v for k, v in row.items() if k not in POSITION}
         new = [key for key in values if key not in self.columns]
         self.columns += new
         self.rows.append(values)

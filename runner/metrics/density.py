@@ -57,8 +57,6 @@ def count_active(variances: Tensor, threshold: float = ACTIVE_THRESHOLD) -> int:
 class DensityEvaluator(Evaluator):
     """Additive state for one split; see the module docstring."""
 
-    unprefixed: set[str] = set()
-
     def __init__(self, model, loss, nll_k: int, dim: int):
         super().__init__()
         self.model, self.loss, self.nll_k, self.dim = model, loss, nll_k, dim

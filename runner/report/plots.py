@@ -111,17 +111,36 @@ def varies(values: list[float]) -> bool:
     return len(values) == 1 or max(values) - min(values) > 1e-12 * max(1.0, abs(max(values)))
 
 
+def same_series(a: tuple[list[int], list[float]], b: tuple[list[int], list[float]]) -> bool:
+    return a[0] == b[0] and all(math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-12) for x, y in zip(a[1], b[1]))
+
+
 def curve_panels(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
     """(panel title, split, key) of each curve worth drawing: training loss, learning rate (its
-    own panel: it and the loss differ by orders of magnitude), each validation metric."""
+    own panel: it and the loss differ by orders of magnitude), each validation metric. Metrics
+    that are one series under two names (a density run's val/loss and val/nll) share a panel,
+    titled with both names."""
     panels = [("train loss", "train", "loss"), ("learning rate", "train", "lr")]
     panels += [(name, "val", name) for name in validation_metrics(rows)]
-    drawn = []
+    drawn: list[tuple[str, str, str]] = []
     for title, split, key in panels:
-        values = series(rows, split, key)[1]
-        if values and varies(values):
+        values = series(rows, split, key)
+        if not values[1] or not varies(values[1]):
+            continue
+        twin = next((i for i, (_, s, k) in enumerate(drawn) if s == split and same_series(series(rows, s, k), values)), None)
+        if twin is None:
             drawn.append((title, split, key))
+        else:
+            drawn[twin] = (f"{drawn[twin][0]} = {title}", *drawn[twin][1:])
     return drawn
+
+
+LOG_SPAN = 100  # a positive series over more than this factor gets a log axis: a huge first loss flattens the rest
+LR_LOG_SPAN = 10  # the lr's warm-up and decay: over a decade already
+
+
+def log_axis(key: str, values: list[float]) -> bool:
+    return min(values) > 0 and max(values) / min(values) > (LR_LOG_SPAN if key == "lr" else LOG_SPAN)
 
 
 def curves_figure(rows: list[dict[str, Any]], title: str | None = None) -> Any:
@@ -138,8 +157,8 @@ def curves_figure(rows: list[dict[str, Any]], title: str | None = None) -> Any:
         steps, values = series(rows, split, key)
         ax.plot(steps, values, color="tab:orange" if key == "lr" else colors[split],
                 marker="o" if len(steps) <= FEW_POINTS else None, markersize=4)
-        if key == "lr" and min(values) > 0 and max(values) / min(values) > 10:
-            ax.set_yscale("log")  # warm-up and decay over decades
+        if log_axis(key, values):
+            ax.set_yscale("log")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # steps: no 15.25 ticks
         ax.set_xlabel("step")
         ax.set_title(name)

@@ -46,8 +46,8 @@ def job_folders(sweep_dir: Path) -> list[Path]:
 
 
 def collect(sweep_dir: Path) -> pd.DataFrame:
-    """One row per job; ``attrs["override_keys"]``: the columns that are overrides (a metric may
-    have no "/" in its name, as active_units, so the names alone do not tell)."""
+    """One row per job; ``attrs["override_keys"]``: the columns that are overrides (the job's own
+    columns, status or wall_time_s, have no "/" in their names either, so the names alone do not tell)."""
     folders = job_folders(sweep_dir)
     overrides = [job_overrides(p) for p in folders]
     table = pd.DataFrame([job_row(p, o) for p, o in zip(folders, overrides)])

@@ -98,34 +98,56 @@ os.register_at_fork(after_in_child=lambda: [os.close(fd) for fd in list(_held_lo
 def hold_folder(run_dir: Path | None) -> Iterator[None]:
     """One process at a time in a run folder: an exclusive lock on ``<run_dir>/.lock``, held
     for the run. The system drops it when its holder exits, however it exits, so a lock left by
-    a killed run is never stale."""
+    a killed run is never stale; a run that lets go (completed, failed or interrupted) removes
+    the file, so its folder holds only its results.
+
+    Removing a lock file races with a process that opened it just before: that process would
+    lock the removed file and think it holds the folder, while a third one creates and locks a
+    new ``.lock``. So the holder removes the file while it still holds the lock (never after
+    letting go), and a process that got the lock checks that ``.lock`` is still the file it
+    locked, and starts again where it is not."""
     if run_dir is None:
         yield
         return
-    path = Path(run_dir) / ".lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = lock_exclusively(Path(run_dir) / ".lock", run_dir)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
-            raise UserError(f"{run_dir} is in use by another runner process (pid {holder}): wait for it to end, "
-                            "or stop it first") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         _held_locks.add(fd)
         yield
     finally:
+        with contextlib.suppress(OSError):  # however the run ended; while still locked: see the docstring
+            (Path(run_dir) / ".lock").unlink()
         _held_locks.discard(fd)
         os.close(fd)  # closing the descriptor releases the lock
 
 
+def lock_exclusively(path: Path, run_dir: Path) -> int:
+    """A descriptor of ``path`` holding its exclusive lock; UserError where another process holds it."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise UserError(f"{run_dir} is in use by another runner process (pid {holder}): wait for it to end, "
+                            "or stop it first") from None
+        try:
+            on_disk, locked = os.stat(path), os.fstat(fd)
+            if (on_disk.st_dev, on_disk.st_ino) == (locked.st_dev, locked.st_ino):
+                return fd
+        except FileNotFoundError:  # its holder removed it as it let go: ours is a removed file
+            pass
+        os.close(fd)
+
+
 def folder_in_use(run_dir: Path) -> bool:
     """Whether a live process holds ``run_dir`` (a summary saying ``running`` without one is stale)."""
-    path = Path(run_dir) / ".lock"
-    if not path.is_file():
+    try:
+        fd = os.open(Path(run_dir) / ".lock", os.O_RDONLY)
+    except FileNotFoundError:  # no holder: a holder keeps the file until it lets go
         return False
-    fd = os.open(path, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         return False
