@@ -139,6 +139,10 @@ def prepare_job(cfg: DictConfig, run_dir: Path, choices: dict[str, Any], overrid
         Console().print(f"{cfg.resume} has completed already: nothing to resume (its folder is left as it is; "
                         "trainer.max_epochs=N or trainer.max_steps=N continues it)", highlight=False, soft_wrap=True)
         return None
+    if not cfg.resume:  # a swapped _target_ starts its node clean; eval/predict take the checkpoint's config
+        from runner.config.prepare import prepared_config
+
+        cfg = prepared_config(cfg, overrides, choices, run_dir)
     config = typed(load_resumed_config(cfg, overrides) if cfg.resume else cfg)
     if cfg.resume and summary_status(Path(cfg.resume)) == "running" and not folder_in_use(Path(cfg.resume)):
         Console().print(f"{cfg.resume}: its summary says running, but no process holds it (stale: the run "

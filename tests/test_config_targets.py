@@ -113,7 +113,6 @@ def test_the_saved_config_is_the_one_that_ran(tmp_path):
     assert "factor" not in OmegaConf.load(saved).schedule and OmegaConf.load(saved).schedule.gamma == 0.9
 
 
-@pytest.mark.xfail(strict=True, reason="needs prepared_config called in runner/job.py prepare_job (lead's file)")
 def test_the_readme_command_through_the_api(tmp_path):
     from runner import run
 

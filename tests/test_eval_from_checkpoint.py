@@ -98,7 +98,6 @@ def test_a_named_experiment_and_training_keep_the_command_lines_config(trained):
         assert config_for_checkpoint(cfg, overrides) is cfg
 
 
-@pytest.mark.xfail(strict=True, reason="needs prepared_config called in runner/job.py prepare_job (lead's file)")
 @pytest.mark.parametrize("mode", ["eval", "predict"])
 def test_eval_and_predict_through_the_api(tmp_path, trained, mode):
     from runner import run
@@ -110,7 +109,6 @@ def test_eval_and_predict_through_the_api(tmp_path, trained, mode):
 
 
 @pytest.mark.slow  # ~20 s: the command line's start-up
-@pytest.mark.xfail(strict=True, reason="needs prepared_config called in runner/job.py prepare_job (lead's file)")
 def test_the_readme_eval_command(tmp_path, trained):
     done = run_cli("mode=eval", best(trained), f"output_root={tmp_path}", "trainer.progress=none")
     assert done.returncode == 0, done.stderr[-2000:]

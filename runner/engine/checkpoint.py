@@ -157,7 +157,7 @@ def load_last(run_dir: Path) -> dict[str, Any] | None:
 
 
 def load_model_weights(model: torch.nn.Module, payload: dict[str, Any], path: str | Path,
-                       strict: bool = True) -> list[str]:
+                       strict: bool = True, for_training: bool = True) -> list[str]:
     """Load weights, with one clear message when the checkpoint belongs to another model.
     ``strict=False`` loads the tensors whose names and shapes fit and returns the names of the
     model's tensors it left as they were (fine-tuning with a new head)."""
@@ -183,10 +183,12 @@ def load_model_weights(model: torch.nn.Module, payload: dict[str, Any], path: st
             k = mismatched[0]
             detail.append(f"{len(mismatched)} of other shapes (e.g. {k}: {tuple(theirs[k].shape)} vs {tuple(own[k].shape)})")
         made_by = payload.get("model_target", "another model")
-        raise UserError(
-            f"checkpoint {path} belongs to another model or config ({made_by}): " + "; ".join(detail)
-            + " (ckpt_strict=false loads the tensors that fit)"
-        )
+        hint = (" (ckpt_strict=false loads the tensors that fit)" if for_training else
+                "; evaluate it with its own run's config: leave experiment= and the model and dataset options out "
+                "(mode=eval|predict with ckpt_path takes the config of the run that wrote it), or give that run's "
+                "own experiment and overrides (its .hydra/overrides.yaml)")
+        raise UserError(f"checkpoint {path} belongs to another model or config ({made_by}): " + "; ".join(detail)
+                        + hint)
     model.load_state_dict(theirs)
     return []
 

@@ -29,7 +29,7 @@ from runner.engine.family import DataBundle, Family
 from runner.engine.loop import Trainer, fit
 from runner.engine.precision import set_matmul_precision
 from runner.engine.predict import predict
-from runner.engine.progress import metrics_table
+from runner.engine.progress import metrics_table, predictions_line
 from runner.engine.results import RunResults
 from runner.engine.setup import build_callbacks, build_data, build_family, load_trained, make_trainer, seed_everything
 from runner.engine.signals import SignalFlag
@@ -158,11 +158,16 @@ class RunLife:
             self.console.print(self.outcome, highlight=False, soft_wrap=True)
             log.info("%s", Text.from_markup(self.outcome).plain)
         elif self.status == "completed" and results.enabled:
-            log.info("%s: final metrics\n%s", results.title, "\n".join(
-                f"{k} {v}" for k, v in sorted(results.summary["metrics"].items()) if k.count("/") <= 1))
-            self.console.print(f"[bold]{results.title}: final metrics", soft_wrap=True)
-            self.console.print(metrics_table(results.summary["metrics"]))
+            predictions = results.summary.get("predictions")
+            if predictions is None:
+                log.info("%s: final metrics\n%s", results.title, "\n".join(
+                    f"{k} {v}" for k, v in sorted(results.summary["metrics"].items()) if k.count("/") <= 1))
+                self.console.print(f"[bold]{results.title}: final metrics", soft_wrap=True)
+                self.console.print(metrics_table(results.summary["metrics"]))
             self.console.print(f"run folder: {self.run_dir}", soft_wrap=True)
+            if predictions is not None:  # a predict run ends with the file, its rows and their score
+                log.info("%s", predictions_line(predictions))
+                self.console.print(predictions_line(predictions), highlight=False, soft_wrap=True)
         return self.code
 
 

@@ -89,7 +89,7 @@ def load_trained(config: Config, family: Family, ctx: DeviceContext) -> None:
     """mode=eval / predict: the checkpoint's weights and the family's own state (thresholds
     tuned on val, the labels it was trained on)."""
     payload = ckpt.load_checkpoint(config.ckpt_path, map_location=ctx.device)
-    ckpt.load_model_weights(family.raw_model, payload, config.ckpt_path)
+    ckpt.load_model_weights(family.raw_model, payload, config.ckpt_path, for_training=False)
     if payload.get("family") and hasattr(family, "load_state_dict"):
         family.load_state_dict(payload["family"])
     family.model = ctx.wrap(family.model, sync_batchnorm=False)
