@@ -24,8 +24,8 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override, Transformer
 from hydra.core.plugins import Plugins
-from hydra.errors import ConfigCompositionException
 from hydra.core.utils import JobReturn, configure_log
+from hydra.errors import ConfigCompositionException
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
@@ -99,9 +99,10 @@ def search_space(lines: Sequence[str]) -> tuple[list[Dimension], list[str]]:
     fixed: dict[str, str] = {}
     for override in OverridesParser.create().parse_overrides(list(lines)):
         key = override.key_or_group
-        dimensions.pop(key, None), fixed.pop(key, None)  # a later override of a key wins
+        dimensions.pop(key, None)  # a later override of a key wins
+        fixed.pop(key, None)
         if override.is_sweep_override():
-            prefix = override.get_key_element()[: -len(key)] if override.get_key_element().endswith(key) else ""
+            prefix = {"ADD": "+", "FORCE_ADD": "++"}.get(override.type.name, "")
             dimensions[key] = Dimension(key, prefix, distribution_of(override))
         else:
             fixed[key] = override.input_line
