@@ -51,9 +51,10 @@ def test_timm_weights_not_cached_exit_2_at_once_without_a_connection(empty_cache
     assert network_attempts == []
 
 
-def test_timm_weights_come_from_the_local_hugging_face_cache(empty_caches, network_attempts):
-    """A file in the cache's documented layout (models--<org>--<name>/refs/main -> snapshots/<commit>/)
-    is loaded offline; timm gives the model a fresh 4-output head."""
+def test_timm_weights_come_from_the_local_caches(empty_caches, network_attempts):
+    """A file in the Hugging Face cache's documented layout (models--<org>--<name>/refs/main ->
+    snapshots/<commit>/), or in torch's hub cache for weights timm also knows by URL, is loaded
+    offline; timm gives the model a fresh head."""
     timm = pytest.importorskip("timm")
     safetensors_torch = pytest.importorskip("safetensors.torch")
     from runner.models.timm_models import build
@@ -70,6 +71,16 @@ def test_timm_weights_come_from_the_local_hugging_face_cache(empty_caches, netwo
     assert torch.equal(model.conv1.weight, reference.conv1.weight)
     assert torch.equal(model.layer4[1].bn2.running_var, reference.layer4[1].bn2.running_var)
     assert model.fc.out_features == 4
+    # resnet18.tv_in1k: not in the Hugging Face cache, but its URL's file is in torch's hub cache
+    other = timm.create_model("resnet18", pretrained=False)
+    hub_file = empty_caches / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    hub_file.parent.mkdir(parents=True)
+    torch.save(other.state_dict(), hub_file)
+    model = build("resnet18.tv_in1k", num_outputs=3, weights=True)
+    assert torch.equal(model.conv1.weight, other.conv1.weight) and model.fc.out_features == 3
+    hub_file.write_bytes(b"junk")
+    with pytest.raises(UserError, match="is not a plain state dict"):
+        build("resnet18.tv_in1k", num_outputs=3, weights=True)
     assert network_attempts == []
 
 

@@ -16,11 +16,12 @@ import pytest
 from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import OmegaConf
 
-from conftest import ROOT, compose, run_cli
+from conftest import compose, run_cli
 from hydra_plugins.runner_search.search_sweeper import SearchSweeper, search_space
+from runner.config import CONF_DIR
 from runner.errors import JobFailed, SweepInterrupted
 
-PRESETS = sorted(p.stem for p in (ROOT / "conf" / "hparams_search").glob("*.yaml"))
+PRESETS = sorted(p.stem for p in (CONF_DIR / "hparams_search").glob("*.yaml"))
 WORD = {"min": "minimize", "max": "maximize"}
 
 
@@ -319,3 +320,25 @@ def test_a_config_that_cannot_be_composed(tmp_path):
     trials = study_of(tmp_path).trials
     assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "COMPLETE"]
     assert "cannot be composed: bad value" in trials[1].user_attrs["status"]
+
+
+def test_a_new_database_created_by_another_command_at_the_same_moment(tmp_path, monkeypatch):
+    """Two commands that start together on a new SQLite file race to create its tables: the loser's
+    error (seen with optuna 5.1: IntegrityError on alembic_version) is retried, and the study opens."""
+    real, calls = optuna.create_study, []
+
+    def racing(**kwargs):
+        calls.append(kwargs["storage"])
+        if len(calls) == 1:
+            raise RuntimeError("(sqlite3.IntegrityError) UNIQUE constraint failed: alembic_version.version_num")
+        return real(**kwargs)
+
+    monkeypatch.setattr(optuna, "create_study", racing)
+    sweeper = stand_in_sweeper(tmp_path, [0.5], storage=f"sqlite:///{tmp_path / 's.db'}")
+    sweeper.sweep(["optim.lr=interval(0.1, 1)"])
+    assert len(calls) == 2 and len(study_of(tmp_path).trials) == 1
+    missing = stand_in_sweeper(tmp_path / "b", [0.5], storage=f"sqlite:///{tmp_path / 'no' / 'such' / 's.db'}")
+    from runner.errors import UserError
+
+    with pytest.raises(UserError, match="the study cannot be opened: .*unable to open database file"):
+        missing.sweep(["optim.lr=interval(0.1, 1)"])

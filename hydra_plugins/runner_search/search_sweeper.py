@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import shlex
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -156,12 +157,20 @@ class SearchSweeper(Sweeper):
 
         from runner.errors import UserError
 
-        try:
-            study = optuna.create_study(storage=self.storage, study_name=self.study_name, sampler=self.sampler,
-                                        direction=self.direction, load_if_exists=True)
-        except Exception as e:  # a bad URL, a locked or unreadable database, a missing driver
-            raise UserError(f"hydra.sweeper.storage={self.storage}: the study cannot be opened: "
-                            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else '(no message)'}") from None
+        for attempt in range(6):
+            try:
+                study = optuna.create_study(storage=self.storage, study_name=self.study_name, sampler=self.sampler,
+                                            direction=self.direction, load_if_exists=True)
+                break
+            except Exception as e:  # a bad URL, a locked or unreadable database, a missing driver
+                message = str(e).splitlines()[0] if str(e) else "(no message)"
+                if attempt < 5 and any(race in message for race in ("already exists", "locked", "UNIQUE constraint")):
+                    # Another command creates the same new database this moment (its tables, or holds
+                    # SQLite's lock): its work is done in a moment, then this one reads it.
+                    time.sleep(0.2 * 2 ** attempt)
+                    continue
+                raise UserError(f"hydra.sweeper.storage={self.storage}: the study cannot be opened: "
+                                f"{type(e).__name__}: {message}") from None
         if [d.name.lower() for d in study.directions] != [self.direction]:
             raise UserError(f"study {study.study_name} in {self.storage} was created to "
                             f"{study.directions[0].name.lower()}, not to {self.direction}: give "
