@@ -1,7 +1,9 @@
 """Shared test fixtures: where the real data copies live, and small CPU settings."""
 from __future__ import annotations
 
+import itertools
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,32 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("RUNNER_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+NETWORK_GUARD = ROOT / "tests" / "network_guard"
+sys.path.insert(0, str(NETWORK_GUARD))
+import runner_network_guard  # noqa: E402
+
+_guard_logs = itertools.count()
+
+
+@pytest.fixture(autouse=True)
+def network_attempts(request, monkeypatch, tmp_path_factory):
+    """No test opens a network connection (tests/network_guard/): outbound connections raise, here
+    and in the Python subprocesses the test starts, and a test that tried fails. The list of the
+    attempts (this process's) is the fixture's value. ``@pytest.mark.network`` lets a test through."""
+    if request.node.get_closest_marker("network"):
+        yield []
+        return
+    attempts: list[str] = []
+    log = tmp_path_factory.getbasetemp() / f"network_attempts_{os.getpid()}_{next(_guard_logs)}.log"
+    monkeypatch.setenv("RUNNER_TEST_NETWORK_LOG", str(log))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(NETWORK_GUARD), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    for (owner, name), replacement in runner_network_guard.guarded(attempts.append).items():
+        monkeypatch.setattr(owner, name, replacement)
+    yield attempts
+    tried = attempts + (log.read_text().splitlines() if log.is_file() else [])
+    if tried:
+        pytest.fail(f"{request.node.nodeid} tried to open network connections: {'; '.join(tried[:5])}", pytrace=False)
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from runner.config.compose import register_configs, register_resolvers
     ("hydra/launcher=parallel", "JoblibLauncher"),
     ("hydra/launcher=slurm_gpu", "SlurmLauncher"),
     ("hydra/launcher=slurm_node", "SlurmLauncher"),
-    ("hydra/sweeper=search", "OptunaSweeper"),
+    ("hydra/sweeper=search", "SearchSweeper"),
 ])
 def test_launcher_and_sweeper_configs_compose(override, target):
     register_configs()

@@ -4,7 +4,7 @@ For a sweep: one row per combination of the swept overrides (``trainer.seed`` ex
 metric as mean ± std over the seeds, best first. The terminal shows the monitored metric
 (``trainer.monitor``) and the test metrics that fit its width (``--all``: every metric);
 report.csv and report.md beside summary.csv hold every metric, and plots/report_<metric>.png
-one bar chart each.
+one bar chart each. A search (hydra/sweeper=search) also shows its best trial, from best.json.
 """
 from __future__ import annotations
 
@@ -158,9 +158,35 @@ def report_sweep(folder: Path, metrics: list[str] | None, sort: str | None, grou
     failed = table[table["status"] != "completed"]
     if len(failed):
         console.print(f"[yellow]{len(failed)} job(s) did not complete: {', '.join(failed['job'].astype(str))}")
+    show_best(folder, console)
     written = [folder / "report.csv", folder / "report.md"] + ([folder / "plots" / "report_*.png"] if charts else [])
     console.print(f"written: {', '.join(map(str, written))}", soft_wrap=True)
     return summary
+
+
+def show_best(folder: Path, console: Console) -> dict | None:
+    """A search's best trial, from the best.json its sweeper wrote (hydra/sweeper=search); the
+    study may hold trials of earlier commands, run in other folders."""
+    path = folder / "best.json"
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except ValueError:
+        console.print(f"[yellow]{path} is not JSON: no best trial shown", highlight=False)
+        return None
+    counts = ", ".join(f"{n} {state}" for state, n in sorted(record.get("trials", {}).items()))
+    console.print(f"study {record.get('study_name')} ({record.get('storage') or 'in memory'}; {counts}), "
+                  f"{record.get('direction')} {record.get('metric')}", highlight=False, soft_wrap=True)
+    best = record.get("best")
+    if not best:
+        console.print("[yellow]no trial of the study completed", highlight=False)
+        return record
+    console.print(f"best trial {best['trial']}: {best['metric']}={best['value']:.6g} with "
+                  f"{' '.join(best.get('params_overrides') or [])} (run folder {best.get('run_dir')})",
+                  highlight=False, soft_wrap=True)
+    console.print(f"again, as one run: {best.get('command')}", highlight=False, soft_wrap=True)
+    return record
 
 
 def report_run(folder: Path, console: Console) -> None:

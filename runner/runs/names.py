@@ -12,7 +12,7 @@ import hashlib
 import re
 from typing import Any, Iterable
 
-NOT_IN_TITLE = ("experiment", "device", "logger", "trainer")
+NOT_IN_TITLE = ("experiment", "hparams_search", "device", "logger", "trainer")
 MAX_LENGTH = 64  # characters: a folder name that stays readable in a listing
 UNSAFE = re.compile(r"[^A-Za-z0-9._+-]+")  # anything else (/, spaces, quotes, commas, =) becomes _
 
