@@ -99,10 +99,10 @@ INTERPRETER_TILES = Tiles(rows=64, pixels=128, dh_pixels=128, dw_pixels=128, dw_
 
 @functools.cache
 def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
-def tiles_for(jobs: int, n: int, pixels: int, device: torch.device, precision: str) -> Tiles:
+def tiles_for(jobs: int, n: int, pixels: int, precision: str, sms: int) -> Tiles:
     """Each forward/dh program reads all of W from L2 and each dW program all of h: the largest
     tiles (fewest re-reads) whose programs still fill every SM. Compiled offline for sm_90
     (``benchmarks/iwae_kernels.py --resources``), these use at most ~220 registers a thread with
@@ -113,7 +113,6 @@ def tiles_for(jobs: int, n: int, pixels: int, device: torch.device, precision: s
     if INTERPRETED:
         rows = min(INTERPRETER_TILES.rows, max(16, triton.next_power_of_2(n)))
         return dataclasses.replace(INTERPRETER_TILES, rows=rows, dw_rows=rows)
-    sms = _sm_count(device) if device.type == "cuda" else 1
     largest = 64 if precision == "tf32" else 32
     rows = next((r for r in (64, 32) if r <= largest and jobs * triton.cdiv(n, r) >= sms), 16)
     dw_pixels = 32 if jobs * triton.cdiv(pixels, 32) >= sms else 16
@@ -253,7 +252,7 @@ def bernoulli_output_loglik(h: Tensor, weight: Tensor, bias: Tensor, x: Tensor) 
     jobs, n, pixels, hidden, batch = _sizes(h, weight, x)
     out = h.new_empty(jobs, n)
     precision = _precision(h)
-    tiles = tiles_for(jobs, n, pixels, h.device, precision)
+    tiles = tiles_for(jobs, n, pixels, precision, _sm_count(h.device))
     _announce("Triton kernels {}, {} job(s) per launch", "in Triton's interpreter" if INTERPRETED else "on the GPU", jobs)
     _forward_kernel[(triton.cdiv(n, tiles.rows), jobs)](
         h, weight, bias, x, out, n, pixels, hidden, batch, *h.stride(), *weight.stride(), *bias.stride(),
@@ -278,7 +277,7 @@ def bernoulli_output_loglik_backward(grad: Tensor, h: Tensor, weight: Tensor, bi
     dw = weight.new_empty(jobs, pixels, hidden)
     db = bias.new_empty(jobs, pixels)
     precision, block_h = _precision(h), _block_h(hidden)
-    tiles = tiles_for(jobs, n, pixels, h.device, precision)
+    tiles = tiles_for(jobs, n, pixels, precision, _sm_count(h.device))
     shared = (n, pixels, hidden, batch, *grad.stride(), *h.stride(), *weight.stride(), *bias.stride(), *x.stride())
     _dh_kernel[(triton.cdiv(n, tiles.rows), jobs)](
         grad, h, weight, bias, x, dh, *shared, *dh.stride(), BLOCK_N=tiles.rows, BLOCK_P=tiles.dh_pixels,
