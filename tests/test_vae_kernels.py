@@ -161,7 +161,16 @@ def test_the_reference_runs_where_the_kernels_cannot(launches, monkeypatch):
         vk.output_loglik(h, weight, bias, x)
     wide = problem(2, 3, vk.MAX_HIDDEN + 1, 20)
     vk.output_loglik(*wide)
+    autocast = [t.bfloat16() if i < 3 else t for i, t in enumerate(problem(2, 3, 8, 20))]  # autocast's dtype
+    assert torch.equal(vk.output_loglik(*autocast), vk.output_loglik_reference(*autocast))
     assert all(not kernel.grids for kernel in launches.values())
+
+
+def test_inputs_that_do_not_fit_are_refused_before_any_kernel_runs(launches):
+    h, weight, bias, x = problem(2, 3, 8, 20)
+    with pytest.raises(ValueError, match="do not fit"):  # x of 4 data points, h of 3
+        vk.output_loglik(h, weight, bias, torch.cat([x, x[:1]]))
+    assert not launches["_forward_kernel"].grids
 
 
 @pytest.mark.parametrize("latent_dims,hidden_dims", [([50], [[200, 200]]), ([8, 4], [[30, 20], [10]])])

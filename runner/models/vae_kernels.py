@@ -14,6 +14,8 @@ b [J, P], x [J, B, P] -> [J, N]: eagerly J = 1; under ``torch.func.vmap`` (a fus
 runner/engine/fused.py) the vmap rule folds the vmapped dimension into J, so the group runs ONE
 launch per kernel with the jobs as a grid dimension. ``torch.compile`` sees it as an opaque op
 (``register_fake`` gives its shapes) and a CUDA graph captures its launches (no host reads).
+Gradients come from ordinary autograd, outside any vmap (as the fused engine takes them):
+PyTorch's custom ops do not support torch.func.grad, so the backward op has no vmap rule.
 
 ``output_loglik`` is the model's entry point: it runs the Triton kernels where they can run and
 the eager reference (``output_loglik_reference``) elsewhere — on CPU tensors unless
@@ -52,24 +54,33 @@ def output_loglik_reference(h: Tensor, weight: Tensor, bias: Tensor, x: Tensor) 
     return (x * logits - F.softplus(logits)).sum(-1)
 
 
-def triton_runs(h: Tensor, weight: Tensor) -> bool:
-    """Whether the kernels can run on these tensors (see the module docstring)."""
-    if triton is None or h.dtype != torch.float32 or weight.dtype != torch.float32 or h.shape[-1] > MAX_HIDDEN:
-        return False
-    return INTERPRETED or (h.is_cuda and weight.is_cuda)
+def why_not_triton(h: Tensor, weight: Tensor) -> str | None:
+    """Why the kernels cannot run on these tensors (see the module docstring), or None."""
+    if triton is None:
+        return "triton is not installed"
+    if h.dtype != torch.float32 or weight.dtype != torch.float32:
+        return f"{str(h.dtype).removeprefix('torch.')} activations, {str(weight.dtype).removeprefix('torch.')} weights"
+    if h.shape[-1] > MAX_HIDDEN:
+        return f"{h.shape[-1]} hidden units (at most {MAX_HIDDEN})"
+    if not INTERPRETED and not (h.is_cuda and weight.is_cuda):
+        return f"{h.device.type} tensors without TRITON_INTERPRET=1"
+    return None
 
 
 def output_loglik(h: Tensor, weight: Tensor, bias: Tensor, x: Tensor) -> Tensor:
     """log Bernoulli(x; sigmoid(h @ W^T + b)) summed over pixels, without the logits in memory
     where Triton runs. h [..., B, H] (rows: the k samples of each of B data points, B fastest),
     weight [P, H], bias [P], x [B, P] (no gradient: it is data) -> [..., B]."""
-    if not triton_runs(h, weight):
+    reason = why_not_triton(h, weight)
+    if reason is not None:
         if not torch.compiler.is_compiling():
-            _announce("the eager reference runs ({} {} tensors: see runner/models/vae_kernels.py)", h.device.type,
-                      str(h.dtype).removeprefix("torch."))
+            _announce("the eager reference runs ({})", reason)
         return output_loglik_reference(h, weight, bias, x)
     if x.requires_grad:
         raise ValueError("output_loglik gives no gradient with respect to x (the binarised pixels)")
+    if h.shape[-2] != x.shape[-2] or weight.shape[-1] != h.shape[-1] or x.shape[-1] != weight.shape[-2]:
+        raise ValueError(f"output_loglik: h {tuple(h.shape)}, weight {tuple(weight.shape)} and x {tuple(x.shape)} "
+                         "do not fit h [..., B, H], weight [P, H], x [B, P]")
     rows = h.shape[:-1]
     out = torch.ops.runner.bernoulli_output_loglik(h.reshape(1, -1, h.shape[-1]), weight.unsqueeze(0),
                                                    bias.unsqueeze(0), x.to(h.dtype).unsqueeze(0))
@@ -323,9 +334,3 @@ def _jobs_first(args: tuple[Tensor, ...], in_dims: tuple[int | None, ...], size:
 def _(info, in_dims, h, weight, bias, x):
     out = bernoulli_output_loglik(*_jobs_first((h, weight, bias, x), in_dims, info.batch_size))
     return out.reshape(info.batch_size, -1, out.shape[-1]), 0
-
-
-@torch.library.register_vmap("runner::bernoulli_output_loglik_backward")
-def _(info, in_dims, grad, h, weight, bias, x):
-    outs = bernoulli_output_loglik_backward(*_jobs_first((grad, h, weight, bias, x), in_dims, info.batch_size))
-    return tuple(o.reshape(info.batch_size, -1, *o.shape[1:]) for o in outs), (0, 0, 0)
