@@ -2,9 +2,9 @@
 checked against the eager model's computation, float64 finite differences and a per-job loop.
 
 Without a GPU the Triton kernels run under Triton's interpreter (NumPy on the CPU): Triton
-decides when a kernel is decorated, so TRITON_INTERPRET=1 is set before the module is imported,
-and stays set (the interpreter reads it again as it runs; on a machine without a GPU nothing else
-in the process compiles Triton kernels). With a GPU the same tests run the compiled kernels on it.
+decides when a kernel is decorated, so TRITON_INTERPRET=1 is set while the module is imported,
+and again during each test here (the interpreter reads it as it runs), not for the rest of the
+session. With a GPU the same tests run the compiled kernels on it.
 """
 from __future__ import annotations
 
@@ -17,9 +17,14 @@ from torch.func import functional_call, vmap
 
 from conftest import relative_difference, run_cli, run_in_process
 
-if not torch.cuda.is_available():
+_switched = not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ
+if _switched:
     os.environ["TRITON_INTERPRET"] = "1"
-import runner.models.vae_kernels as vk  # noqa: E402 (after the switch above)
+try:
+    import runner.models.vae_kernels as vk
+finally:
+    if _switched:
+        del os.environ["TRITON_INTERPRET"]
 
 from runner.models.vae import VAE
 
@@ -37,7 +42,10 @@ GRAD = dict(rtol=1e-4, atol=1e-5)
 
 
 @pytest.fixture(autouse=True)
-def full_precision_products():
+def interpreter_and_full_precision(monkeypatch):
+    """The interpreter's switch for this test; products in full precision (TF32 off) on a GPU."""
+    if vk.INTERPRETED:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
     before = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     yield
