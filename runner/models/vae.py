@@ -13,7 +13,9 @@ shape [k, B], and the latent samples [k, B, d] at which the gradient of log w en
 rescales the gradient there). With ``stop_q=True`` the q densities inside log w are evaluated
 with q's parameters stopped (same values, different gradient), as DReG needs; the samples keep
 their reparameterisation path. No host syncs or data-dependent Python branches, so a training
-step can be captured in a CUDA graph.
+step can be captured in a CUDA graph. ``fused_output=True`` (model.fused_output) computes the
+decoder's output layer and the pixels' log-likelihood as one Triton op that never writes the
+logits (runner/models/vae_kernels.py); sampling and reconstruction keep the plain layers.
 """
 from __future__ import annotations
 
@@ -54,12 +56,15 @@ class MLP(nn.Module):
 
     def forward(self, h: Tensor, frozen: bool = False) -> Tensor:
         """``frozen``: use the weights with their gradient stopped (the input keeps its own)."""
-        last = len(self.layers) - 1
-        for i, layer in enumerate(self.layers):
+        layer = self.layers[-1]
+        weight, bias = (layer.weight.detach(), layer.bias.detach()) if frozen else (layer.weight, layer.bias)
+        return F.linear(self.hidden(h, frozen), weight, bias)
+
+    def hidden(self, h: Tensor, frozen: bool = False) -> Tensor:
+        """The last hidden layer's activations: every layer but the last, each followed by tanh."""
+        for layer in self.layers[:-1]:
             weight, bias = (layer.weight.detach(), layer.bias.detach()) if frozen else (layer.weight, layer.bias)
-            h = F.linear(h, weight, bias)
-            if i < last:
-                h = torch.tanh(h)
+            h = torch.tanh(F.linear(h, weight, bias))
         return h
 
 
@@ -78,7 +83,7 @@ class VAE(nn.Module):
     """A stack of Gaussian stochastic layers over Bernoulli pixels (see the module docstring)."""
 
     def __init__(self, x_dim: int = 784, latent_dims: list[int] = (50,), hidden_dims: list[list[int]] = ((200, 200),),
-                 train_mean: Tensor | None = None):
+                 train_mean: Tensor | None = None, fused_output: bool = False):
         super().__init__()
         latent_dims, hidden_dims = list(latent_dims), [list(h) for h in hidden_dims]
         if not latent_dims or len(hidden_dims) != len(latent_dims):
@@ -96,6 +101,14 @@ class VAE(nn.Module):
             for i in range(len(latent_dims)))
         if train_mean is not None:
             self.init_output_bias(train_mean)
+        # model.fused_output: the decoder's output layer and the pixels' log-likelihood as one op
+        # whose Triton kernels never write the (k x B) x x_dim logits (runner/models/vae_kernels.py;
+        # eager where Triton cannot run). Imported only when asked: Triton reads TRITON_INTERPRET
+        # when the kernels are built, and a CPU install needs no Triton.
+        self.fused_output_loglik = None
+        if fused_output:
+            from runner.models.vae_kernels import output_loglik
+            self.fused_output_loglik = output_loglik
 
     def init_output_bias(self, train_mean: Tensor) -> None:
         """Decoder output bias = logit of the clipped training mean (Burda et al.'s code)."""
@@ -145,7 +158,11 @@ class VAE(nn.Module):
         for i in range(len(latents) - 1, 0, -1):
             mean, logvar = _mean_logvar(self.decoders[i](latents[i]))
             log_p = log_p + gaussian_log_density(latents[i - 1], mean, logvar)
-        logits = _full(self.decoders[0](latents[0]))
+        decoder = self.decoders[0]
+        if self.fused_output_loglik is not None:
+            out = decoder.layers[-1]
+            return log_p + self.fused_output_loglik(decoder.hidden(latents[0]), out.weight, out.bias, x)
+        logits = _full(decoder(latents[0]))
         return log_p + bernoulli_log_likelihood(x, logits)
 
     def forward(self, x: Tensor, k: int, stop_q: bool = False, generator: torch.Generator | None = None,
