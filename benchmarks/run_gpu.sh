@@ -47,6 +47,13 @@ if part kernels_tune; then python benchmarks/iwae_kernels.py --parts op --tune >
 # The last GPU-measured tree (.baseline/, git archive <commit> --prefix=.baseline/) against this one.
 if part best; then for tree in .baseline .; do python benchmarks/best_paths.py "$tree" >> "$OUT/best.log" 2>&1; done
   grep "steps/s\|Error" "$OUT/best.log"; fi
+# The fused x8 row (f: the compiled optimizer, as iwae_paper's GPU default) on the last GPU-measured
+# tree (.baseline/) and on this one, one after the other: with `best`, an engine change's speed check.
+# (fused.py runs runner in its own process: PYTHONPATH names the tree whose runner it imports.)
+if part fused_both; then root=$PWD; for tree in .baseline .; do (cd "$tree" && echo "tree $tree" && \
+    PYTHONPATH="$root/.gpu_site:$PWD" python benchmarks/fused.py --steps 10000 --jobs 8 --rows f \
+    --mnist "$root/.gpu_data/mnist") >> "$OUT/fused_both.log" 2>&1; done
+  grep -i "^tree\|fused\|single\|Error" "$OUT/fused_both.log" | tail -14; fi
 # Issue 18 item 4: the single IWAE path under the settings that may reach 5,500 steps/s, one call.
 if part modes; then for set in "" "trainer.compile_optimizer=true" \
     "trainer.compile_optimizer=true trainer.compile_mode=max-autotune-no-cudagraphs"; do
