@@ -33,7 +33,7 @@ def on_one_gpu(strategy: Any, yes: Any = True, no: Any = False) -> Any:
 
 
 def register_resolvers() -> None:
-    from runner.runs.folders import claim_unique_dir, hydra_subdir, run_folder
+    from runner.runs.folders import checked_root, claim_unique_dir, hydra_subdir, run_folder
     from runner.runs.names import title_resolver
 
     # use_cache: Hydra copies resolver caches into each job's config (as it does for ${now:}),
@@ -41,6 +41,7 @@ def register_resolvers() -> None:
     OmegaConf.register_new_resolver("run_folder", run_folder, replace=True, use_cache=True)
     OmegaConf.register_new_resolver("unique_dir", claim_unique_dir, replace=True, use_cache=True)
     OmegaConf.register_new_resolver("hydra_subdir", hydra_subdir, replace=True)
+    OmegaConf.register_new_resolver("checked_root", checked_root, replace=True)
     OmegaConf.register_new_resolver("on_one_gpu", on_one_gpu, replace=True)
     OmegaConf.register_new_resolver("run_title", title_resolver, replace=True)
 

@@ -28,6 +28,7 @@ from runner.config.build import build as build_node
 from runner.config.compat import Accepts
 from runner.engine.family import DataBundle, Evaluator, Family
 from runner.errors import UserError
+from runner.families.first_batch import check_first_batch, described
 from runner.metrics.classification import batch_sums, classification_metrics, confusion_frame
 
 ACCEPTS = Accepts(datasets=("runner.data.patterns.", "runner.data.imagefolder.", "runner.data.image_csv.",
@@ -76,6 +77,9 @@ class ClassificationFamily(Family):
     def evaluator(self, split: str) -> Evaluator:
         return ClassificationEvaluator(self, split)
 
+    def check_output(self, batch: Any) -> None:
+        self.logits(self.raw_model, *batch)  # checks the output
+
     def predict(self, batch: Any) -> dict[str, Tensor]:
         """mode=predict: the predicted class, its probability, and every class's probability."""
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
@@ -118,9 +122,9 @@ class ClassificationFamily(Family):
 
 def check_outputs(logits: Any, targets: Tensor, num_classes: int) -> None:
     """One clear message for a model whose output does not fit the classes (shapes only: no sync)."""
-    if not isinstance(logits, Tensor) or logits.shape != (targets.shape[0], num_classes):
-        got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
-        raise UserError(f"the model's output {got} does not fit the {num_classes} classes of the data "
+    if not isinstance(logits, Tensor) or logits.shape != (targets.shape[0], num_classes) \
+            or not logits.is_floating_point():
+        raise UserError(f"the model's output {described(logits)} does not fit the {num_classes} classes of the data "
                         f"(expected {(targets.shape[0], num_classes)}): give the model {num_classes} outputs, e.g. "
                         f"model.num_classes={num_classes}, or use model=torchvision")
 
@@ -140,4 +144,4 @@ def build(bundle: DataBundle, model: Any, loss: Any, seed: int = 0) -> Classific
     if wanted is not None and wanted != channels and not repeat_grey:
         raise UserError(f"the model's first convolution takes {wanted} channels; the data have {channels}")
     loss = build_node(loss, "loss", class_counts=list(info["class_counts"]), class_names=names)
-    return ClassificationFamily(model, loss, names, list(info["class_counts"]), repeat_grey)
+    return check_first_batch(ClassificationFamily(model, loss, names, list(info["class_counts"]), repeat_grey), bundle)
