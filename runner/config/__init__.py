@@ -9,7 +9,7 @@
 * messages.py: Hydra's composition errors as one line naming the key and what is allowed.
 """
 from runner.config.schema import (COMPILE_MODES, LOGGERS, PRECISIONS, PROGRESS, Config, DeviceConfig, EarlyStopping,
-                                  Mode, MonitorMode, Strategy, TrainerConfig, typed)
+                                  Mode, MonitorMode, Strategy, TrainerConfig, same_value, typed)
 
 __all__ = ["COMPILE_MODES", "LOGGERS", "PRECISIONS", "PROGRESS", "Config", "DeviceConfig", "EarlyStopping", "Mode",
-           "MonitorMode", "Strategy", "TrainerConfig", "typed"]
+           "MonitorMode", "Strategy", "TrainerConfig", "same_value", "typed"]

@@ -47,8 +47,10 @@ def register_resolvers() -> None:
 
 
 def compose_job(overrides: Sequence[str], config_dir: str | None = None) -> Any:
-    """The composed config with its ``hydra`` node, as the command line composes it."""
+    """The composed config with its ``hydra`` node, as the command line composes it, and its run
+    folder claimed (``hydra.run.dir``)."""
     from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
 
     from runner.config.messages import describe
 
@@ -57,6 +59,9 @@ def compose_job(overrides: Sequence[str], config_dir: str | None = None) -> Any:
     search = [f"hydra.searchpath=[file://{Path(config_dir).resolve()}]"] if config_dir else []
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-            return compose("config", overrides=[*overrides, *search], return_hydra_config=True)
+            cfg = compose("config", overrides=[*overrides, *search], return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)  # ${hydra:...} in the run folder's name resolves
+        cfg.hydra.run.dir  # claims the run folder here: its checks (resume=, output_root=) are composition errors too
+        return cfg
     except Exception as e:  # composition errors: one message, as on the command line
         raise UserError(describe(e, list(overrides))) from None

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from runner.config import compat
-from runner.config.build import number_problem
+from runner.config.build import checked_kwargs, number_problem
 from runner.config.schema import COMPILE_MODES, PRECISIONS, PROGRESS, Config, Mode, Strategy
 from runner.errors import UserError
 
@@ -35,6 +35,12 @@ def check(config: Config, choices: dict[str, str]) -> None:
         raise UserError("device.sync_batchnorm=true synchronises BatchNorm across GPU processes: it needs device=ddp "
                         "with device.backend=nccl")
     check_loggers(config.logger)  # unknown keys, missing packages: exit 2 before anything starts
+    if config.mode == Mode.train:  # built in the loop, after the data and the model: their keys and values first
+        from runner import optim, schedule
+
+        checked_kwargs(config.optim, "optim", extra={"params": None}, own_keys=optim.OWN_KEYS)
+        checked_kwargs(config.schedule, "schedule", extra={"optimizer": None}, own_keys=schedule.OWN_KEYS,
+                       fill={"total_steps": 1, "T_max": 1})
     family = compat.family_of_dataset(config.dataset)
     if family is not None:  # runner's own dataset: an incompatible pair stops before anything runs
         compat.check_compatible(family, choices, model=config.model, loss=config.loss)

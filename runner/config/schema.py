@@ -5,6 +5,7 @@ signature instead, checked in runner/config/build.py before anything runs.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any, Optional
@@ -139,3 +140,15 @@ def typed(cfg: DictConfig) -> Config:
     except (InterpolationResolutionError, ValidationError) as e:
         key = getattr(e, "full_key", None)
         raise UserError((f"{key}: " if key else "") + str(e).splitlines()[0]) from None
+
+
+def same_value(a: Any, b: Any) -> bool:
+    """Whether two config values are the same setting, NaN equal to NaN (``nan != nan``, and a
+    sweep job with ``optim.lr=nan`` could never be resumed: its saved value would always differ)."""
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_value(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b))
+    return a == b

@@ -22,23 +22,23 @@ SAMPLES = 2  # enough to tell the batch dimension from a dimension of size 1
 F = TypeVar("F", bound=Family)
 
 
-def first_batch(bundle: DataBundle) -> Any:
-    """The first training samples as one batch on the CPU (where the model is while it is
-    built), made as the engine makes batches: the dataset's own collate and to_device."""
+def first_batch(bundle: DataBundle, device: torch.device) -> Any:
+    """The first training samples as one batch on ``device`` (the model's while it is built: the
+    CPU), made as the engine makes batches: the dataset's own collate and to_device."""
     loader = eval_loader(bundle.train, batch_size=SAMPLES, rank=0, world=1, prebatched=bundle.prebatched)
-    cpu = DeviceContext(torch.device("cpu"), "cpu")
-    return batch_mover(bundle.train, cpu.to_device, cpu.device)(next(iter(loader)))
+    return batch_mover(bundle.train, DeviceContext(device, device.type).to_device, device)(next(iter(loader)))
 
 
 def check_first_batch(family: F, bundle: DataBundle) -> F:
     """``family.check_output`` on the first batch, under no_grad in eval mode (BatchNorm's
     running statistics untouched) with the RNG restored after (the run draws what it drew before)."""
     model = family.raw_model
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            family.check_output(first_batch(bundle))
+        with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            family.check_output(first_batch(bundle, device))
     finally:
         model.train(was_training)
     return family
