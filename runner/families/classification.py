@@ -28,7 +28,7 @@ from runner.config.build import build as build_node
 from runner.config.compat import Accepts
 from runner.engine.family import DataBundle, Evaluator, Family
 from runner.errors import UserError
-from runner.families.first_batch import check_first_batch, described
+from runner.families.first_batch import check_first_batch, check_fits
 from runner.metrics.classification import batch_sums, classification_metrics, confusion_frame
 
 ACCEPTS = Accepts(datasets=("runner.data.patterns.", "runner.data.imagefolder.", "runner.data.image_csv.",
@@ -121,12 +121,10 @@ class ClassificationFamily(Family):
 
 
 def check_outputs(logits: Any, targets: Tensor, num_classes: int) -> None:
-    """One clear message for a model whose output does not fit the classes (shapes only: no sync)."""
-    if not isinstance(logits, Tensor) or logits.shape != (targets.shape[0], num_classes) \
-            or not logits.is_floating_point():
-        raise UserError(f"the model's output {described(logits)} does not fit the {num_classes} classes of the data "
-                        f"(expected {(targets.shape[0], num_classes)}): give the model {num_classes} outputs, e.g. "
-                        f"model.num_classes={num_classes}, or use model=torchvision")
+    """One clear message for a model whose output does not fit the classes."""
+    check_fits(logits, (targets.shape[0], num_classes), f"the {num_classes} classes of the data",
+               f"give the model {num_classes} outputs (float logits), e.g. model.num_classes={num_classes}, or use "
+               "model=torchvision")
 
 
 def first_conv_channels(model: nn.Module) -> int | None:

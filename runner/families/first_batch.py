@@ -32,6 +32,8 @@ def first_batch(bundle: DataBundle, device: torch.device) -> Any:
 def check_first_batch(family: F, bundle: DataBundle) -> F:
     """``family.check_output`` on the first batch, under no_grad in eval mode (BatchNorm's
     running statistics untouched) with the RNG restored after (the run draws what it drew before)."""
+    if bundle.train is None or len(bundle.train) == 0:  # refused by the engine before (an empty split)
+        return family
     model = family.raw_model
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     was_training = model.training
@@ -52,8 +54,8 @@ def described(output: Any) -> str:
 
 def check_fits(output: Any, expected: tuple[int, ...], what: str, advice: str) -> None:
     """UserError unless ``output`` is a floating-point tensor of exactly the shape ``expected``
-    (equal, not broadcastable: broadcasting is what hides the mistake)."""
+    (equal, not broadcastable: broadcasting is what hides the mistake). Shapes only: no sync."""
     if isinstance(output, Tensor) and output.is_floating_point() and tuple(output.shape) == tuple(expected):
         return
-    raise UserError(f"the model's output {described(output)} does not fit {what} {tuple(expected)} (on the first "
-                    f"training samples): {advice}")
+    raise UserError(f"the model's output {described(output)} does not fit {what} (expected {tuple(expected)}): "
+                    f"{advice}")

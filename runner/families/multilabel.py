@@ -27,7 +27,7 @@ from runner.config.build import build as build_node
 from runner.engine.family import DataBundle, Evaluator, Family
 from runner.errors import UserError
 from runner.config.compat import Accepts
-from runner.families.first_batch import check_first_batch, described
+from runner.families.first_batch import check_first_batch, check_fits
 from runner.metrics.multilabel import multilabel_metrics, tune_thresholds
 
 # Any image classifier fits: runner's torchvision and timm options, small_cnn and cifar_resnet for
@@ -134,11 +134,10 @@ class MultiLabelFamily(Family):
 
 
 def check_outputs(logits: Any, targets: Tensor, label_names: list[str]) -> None:
-    """One clear message for a model whose output does not fit the labels (shapes only: no sync)."""
-    if not isinstance(logits, Tensor) or logits.shape != targets.shape or not logits.is_floating_point():
-        raise UserError(f"the model's output {described(logits)} does not fit the {len(label_names)} labels of the data "
-                        f"(expected {tuple(targets.shape)}): give the model {len(label_names)} outputs, e.g. "
-                        f"model.num_classes={len(label_names)}, or use model=torchvision")
+    """One clear message for a model whose output does not fit the labels."""
+    n = len(label_names)
+    check_fits(logits, tuple(targets.shape), f"the {n} labels of the data",
+               f"give the model {n} outputs (float logits), e.g. model.num_classes={n}, or use model=torchvision")
 
 
 def label_counts(train_labels: Tensor) -> tuple[list[int], int]:

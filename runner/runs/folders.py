@@ -18,7 +18,7 @@ class FolderClaims:
 
     def __init__(self) -> None:
         self.claimed: dict[str, str] = {}
-        self.created_parents: list[Path] = []  # deepest first
+        self.created_parents: list[Path] = []  # folders claim() made to hold the ones it claimed
 
     def claim(self, base: str) -> str:
         """Create ``base`` or, if taken, ``base_1``, ``base_2``... (``os.mkdir`` is atomic, so
@@ -55,7 +55,7 @@ class FolderClaims:
     def remove_empty_parents(self) -> None:
         """At exit: the folders made only to hold a run folder that is gone (a run rejected with
         exit 2 leaves no ``outputs/runs/``); rmdir refuses any that holds something."""
-        for parent in self.created_parents:
+        for parent in sorted(self.created_parents, key=lambda p: len(p.parts), reverse=True):  # deepest first
             try:
                 parent.rmdir()
             except OSError:
