@@ -14,7 +14,7 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from rich.console import Console
 
-from runner.config import Config, typed
+from runner.config import Config, same_value, typed
 from runner.errors import EXIT_OK, EXIT_USER_ERROR, UserError
 from runner.runs.files import folder_in_use, hold_folder
 from runner.loggers.base import JobInfo
@@ -61,7 +61,8 @@ def load_resumed_config(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig
         raise UserError(f"resume={folder}: {saved} is not a readable config: {str(e).splitlines()[0]}") from None
     if not isinstance(resumed, DictConfig) or "trainer" not in resumed:
         raise UserError(f"resume={folder}: {saved} is empty or not a runner config")
-    keys = [k for k in override_keys(overrides) if _value(cfg, k) != _value(resumed, k)]  # what would change
+    # What would change (NaN equal to NaN: a sweep job refused for optim.lr=nan resumes, to be refused again).
+    keys = [k for k in override_keys(overrides) if not same_value(_value(cfg, k), _value(resumed, k))]
     refuse_unchangeable(keys)
     for key in keys:
         OmegaConf.update(resumed, key, OmegaConf.select(cfg, key), merge=False, force_add=True)

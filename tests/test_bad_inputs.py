@@ -43,7 +43,7 @@ CATALOGUE = [
     (["+trainer.batch_sz=8"], "unknown key 'trainer.batch_sz' (did you mean 'batch_size'?); allowed keys of trainer: "
                               "accumulate_grad_batches"),
     (["+model.width=8"], "unknown key 'model.width'; allowed keys of model: batchnorm, hidden"),
-    (["model.hidden=0"], "the model has an empty parameter, 0.weight of shape (0, 8)"),
+    (["model.hidden=0"], "model.hidden=0 must be >= 1"),
     (["model=vae1"], "model=vae1 does not fit the regression family"),
     (["optim._target_=torch.optim.Nope"], "_target_ 'torch.optim.Nope' cannot be imported"),
     (["schedule.interval=batch"], "schedule.interval='batch' is not known; allowed: step, epoch"),

@@ -129,6 +129,20 @@ def test_imagefolder_errors_name_the_folder_or_file(tmp_path):
         bundle.train[bad]
 
 
+def test_imagefolder_empty_class_folder_of_train_is_refused_of_val_warned(tmp_path, caplog):
+    """An empty train/fox/ would be a fourth class with no images, counted in the outputs."""
+    root = write_image_folder(tmp_path / "data", {"train": 4, "val": 1})
+    (root / "train" / "fox").mkdir()
+    with pytest.raises(UserError, match=r"data/train/fox holds no image \(\.jpg.*every class folder of train needs"):
+        imagefolder.build(str(root), image_size=16)
+    (root / "train" / "fox").rmdir()
+    (root / "val" / "red" / "0.png").unlink()  # val/red now empty: allowed, as a missing folder is, but said
+    with caplog.at_level("WARNING"):
+        bundle = imagefolder.build(str(root), image_size=16)
+    assert bundle.info["class_names"] == ["blue", "green", "red"] and len(bundle.val) == 2
+    assert any("val/red holds no image" in r.getMessage() for r in caplog.records), caplog.text
+
+
 def write_csv_images(tmp_path: Path, n: int = 12) -> Path:
     g = torch.Generator().manual_seed(1)
     folder = tmp_path / "images"
@@ -168,6 +182,18 @@ def test_image_csv_errors_name_the_file_and_line(tmp_path, content, needle):
     split = "split" if "split" in content.splitlines()[0] else None
     with pytest.raises(UserError, match=needle):
         image_csv.build(str(tmp_path / "train.csv"), str(folder), split_column=split)
+
+
+def test_image_csv_column_named_twice_is_refused(tmp_path):
+    """pandas would rename the second 'label' to 'label.1' and train on the first."""
+    folder = write_csv_images(tmp_path)
+    (tmp_path / "train.csv").write_text("path,label,label\n0.png,red,blue\n1.png,green,red\n")
+    with pytest.raises(UserError, match=r"train\.csv, line 1: column 'label' appears more than once"):
+        image_csv.build(str(tmp_path / "train.csv"), str(folder))
+    (tmp_path / "val.csv").write_text("path,path,label\n2.png,2.png,blue\n")
+    (tmp_path / "train.csv").write_text("path,label\n0.png,red\n1.png,green\n")
+    with pytest.raises(UserError, match=r"val\.csv, line 1: column 'path' appears more than once"):
+        image_csv.build(str(tmp_path / "train.csv"), str(folder), val_csv=str(tmp_path / "val.csv"))
 
 
 def test_image_csv_unknown_class_and_unreadable_image_name_the_line(tmp_path):

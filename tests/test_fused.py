@@ -35,9 +35,10 @@ def last(folder):
 
 
 def assert_same_as_alone(fused, alone, tolerance):
-    best = fused["loop"].pop("best"), alone["loop"].pop("best")  # the best val/loss: a float of the run
-    assert fused["loop"] == alone["loop"]  # same steps, same data position, same validations
-    assert best[0] == pytest.approx(best[1], rel=tolerance)
+    assert fused["loop"] == alone["loop"]  # same steps, same data position, same stop
+    for name in ("checkpoints", "early_stopping"):  # the callbacks' best val/loss: a float of the run
+        mine, theirs = fused["callbacks"][name], alone["callbacks"][name]
+        assert mine.pop("best") == pytest.approx(theirs.pop("best"), rel=tolerance) and mine == theirs
     assert relative_difference(fused["model"], alone["model"]) <= tolerance
     assert torch.equal(fused["rng"]["torch"], alone["rng"]["torch"])  # the job's own random stream, as alone
     assert fused["model"].keys() == alone["model"].keys()

@@ -160,6 +160,14 @@ def test_csv_error_in_the_val_file_and_empty_split_column(tmp_path):
                              image_dir=str(folder), split_column="split")
 
 
+def test_csv_column_named_twice_behind_a_byte_order_mark(tmp_path):
+    """A BOM glued to the first name hid 'cat' twice: pandas strips it and reads 'cat.1' as a label."""
+    folder = _image_folder(tmp_path, 2)
+    (tmp_path / "bom.csv").write_text("\ufeffcat,path,cat\n0,0.png,1\n1,1.png,0\n", encoding="utf-8")
+    with pytest.raises(UserError, match=r"bom\.csv, line 1: column 'cat' appears more than once"):
+        multilabel_csv.build(csv=str(tmp_path / "bom.csv"), image_dir=str(folder))
+
+
 def test_csv_unreadable_image_names_the_line(tmp_path):
     folder = _image_folder(tmp_path, 3)
     (folder / "2.png").write_bytes(b"this is not an image")

@@ -72,7 +72,7 @@ def test_a_metric_that_differs_between_seeds_is_averaged_not_grouped_by(tmp_path
 def test_report_errors_are_clear(tmp_path, capsys):
     make_sweep(tmp_path)
     assert main([str(tmp_path), "--metric", "test/nope"]) == 2
-    assert "no metric test/nope" in capsys.readouterr().out
+    assert "no metric test/nope" in capsys.readouterr().err
     assert main([str(tmp_path / "missing")]) == 2
 
 

@@ -111,7 +111,8 @@ def test_a_failing_disk_gives_one_line_and_a_summary_that_says_failed(tmp_path, 
 
     monkeypatch.setattr(results, "atomic_write_json", full_disk)
     code, run = run_in_process(tmp_path, *FAST, "+callbacks.disk._target_=mishaps.DiskFullAt", "+callbacks.disk.step=8")
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out + captured.err
     assert code == 1 and summary(run)["status"] == "failed" and "No space left" in summary(run)["error"]
     assert len([line for line in out.splitlines() if line.startswith("failed:")]) == 1, out
 

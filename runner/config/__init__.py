@@ -13,7 +13,7 @@
   (from_checkpoint.py).
 """
 from runner.config.schema import (COMPILE_MODES, LOGGERS, PRECISIONS, PROGRESS, Config, DeviceConfig, EarlyStopping,
-                                  Mode, MonitorMode, Strategy, TrainerConfig, typed)
+                                  Mode, MonitorMode, Strategy, TrainerConfig, same_value, typed)
 
 __all__ = ["COMPILE_MODES", "LOGGERS", "PRECISIONS", "PROGRESS", "Config", "DeviceConfig", "EarlyStopping", "Mode",
-           "MonitorMode", "Strategy", "TrainerConfig", "typed"]
+           "MonitorMode", "Strategy", "TrainerConfig", "same_value", "typed"]

@@ -33,7 +33,7 @@ def on_one_gpu(strategy: Any, yes: Any = True, no: Any = False) -> Any:
 
 
 def register_resolvers() -> None:
-    from runner.runs.folders import claim_unique_dir, hydra_subdir, run_folder
+    from runner.runs.folders import checked_root, claim_unique_dir, hydra_subdir, run_folder
     from runner.runs.names import title_resolver
 
     # use_cache: Hydra copies resolver caches into each job's config (as it does for ${now:}),
@@ -41,13 +41,16 @@ def register_resolvers() -> None:
     OmegaConf.register_new_resolver("run_folder", run_folder, replace=True, use_cache=True)
     OmegaConf.register_new_resolver("unique_dir", claim_unique_dir, replace=True, use_cache=True)
     OmegaConf.register_new_resolver("hydra_subdir", hydra_subdir, replace=True)
+    OmegaConf.register_new_resolver("checked_root", checked_root, replace=True)
     OmegaConf.register_new_resolver("on_one_gpu", on_one_gpu, replace=True)
     OmegaConf.register_new_resolver("run_title", title_resolver, replace=True)
 
 
 def compose_job(overrides: Sequence[str], config_dir: str | None = None) -> Any:
-    """The composed config with its ``hydra`` node, as the command line composes it."""
+    """The composed config with its ``hydra`` node, as the command line composes it, and its run
+    folder claimed (``hydra.run.dir``)."""
     from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
 
     from runner.config.messages import describe
 
@@ -56,6 +59,9 @@ def compose_job(overrides: Sequence[str], config_dir: str | None = None) -> Any:
     search = [f"hydra.searchpath=[file://{Path(config_dir).resolve()}]"] if config_dir else []
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-            return compose("config", overrides=[*overrides, *search], return_hydra_config=True)
+            cfg = compose("config", overrides=[*overrides, *search], return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)  # ${hydra:...} in the run folder's name resolves
+        cfg.hydra.run.dir  # claims the run folder here: its checks (resume=, output_root=) are composition errors too
+        return cfg
     except Exception as e:  # composition errors: one message, as on the command line
         raise UserError(describe(e, list(overrides))) from None

@@ -21,6 +21,9 @@ def describe(error: BaseException, overrides: list[str]) -> str:
     own = _user_error_in(error)
     if own is not None:  # runner's own check, raised from inside Hydra (a resolver): its message alone
         return str(own)
+    entry = _entry_not_an_option(overrides)
+    if entry is not None:  # Hydra fails on it with "argument of type 'int' is not iterable"
+        return entry
     parts = [str(error)]
     if error.__cause__ is not None and str(error.__cause__) not in parts[0]:
         parts.append(str(error.__cause__))
@@ -62,6 +65,26 @@ def _unknown_key(key: str, message: str, overrides: list[str]) -> str:
     if open_target and append:
         text += f"; {parent}'s _target_ takes any further key (**kwargs): add one with {append.group(1)}"
     return text
+
+
+def _entry_not_an_option(overrides: list[str]) -> str | None:
+    """A list of a group's options with an entry that is not a name (``logger=[csv,123]``)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    for text in overrides:
+        try:
+            override = parser.parse_override(text)
+            group, value = override.key_or_group, override.value()
+        except Exception:  # not parseable: Hydra's own message says why
+            continue
+        if not isinstance(value, list) or not (CONF_DIR / group).is_dir():
+            continue
+        entry = next((v for v in value if not isinstance(v, str)), None)
+        if entry is not None:
+            options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+            return f"{text}: {entry!r} is not an option of the '{group}' group; available options: {', '.join(options)}"
+    return None
 
 
 def _user_error_in(error: BaseException | None) -> UserError | None:

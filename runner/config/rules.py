@@ -10,9 +10,12 @@ they are built (runner/config/build.py).
 """
 from __future__ import annotations
 
+from dataclasses import fields, is_dataclass
 from pathlib import Path
+from typing import Any
 
 from runner.config import compat
+from runner.config.build import checked_kwargs, number_problem
 from runner.config.schema import COMPILE_MODES, PRECISIONS, PROGRESS, Config, Mode, Strategy
 from runner.errors import UserError
 
@@ -24,15 +27,34 @@ def check(config: Config, choices: dict[str, str]) -> None:
     """The rules of the settings alone (see the module docstring)."""
     from runner.loggers import check_loggers
 
+    check_numbers(config.trainer, "trainer")
+    check_numbers(config.device, "device")
     check_trainer(config)
     check_modes(config)
     if config.device.sync_batchnorm and not (config.device.strategy == Strategy.ddp and config.device.backend == "nccl"):
         raise UserError("device.sync_batchnorm=true synchronises BatchNorm across GPU processes: it needs device=ddp "
                         "with device.backend=nccl")
     check_loggers(config.logger)  # unknown keys, missing packages: exit 2 before anything starts
+    if config.mode == Mode.train:  # built in the loop, after the data and the model: their keys and values first
+        from runner import optim, schedule
+
+        checked_kwargs(config.optim, "optim", extra={"params": None}, own_keys=optim.OWN_KEYS)
+        checked_kwargs(config.schedule, "schedule", extra={"optimizer": None}, own_keys=schedule.OWN_KEYS,
+                       fill={"total_steps": 1, "T_max": 1})
     family = compat.family_of_dataset(config.dataset)
     if family is not None:  # runner's own dataset: an incompatible pair stops before anything runs
         compat.check_compatible(family, choices, model=config.model, loss=config.loss)
+
+
+def check_numbers(settings: Any, prefix: str) -> None:
+    """Every number of a settings dataclass finite and within int64: NaN passes every range check
+    below (NaN < 0 is false), and an integer past int64 fails deep inside torch."""
+    for f in fields(settings):
+        value, key = getattr(settings, f.name), f"{prefix}.{f.name}"
+        if is_dataclass(value):
+            check_numbers(value, key)
+        elif number_problem(value):
+            raise UserError(f"{key}={value} {number_problem(value)}")
 
 
 def check_trainer(config: Config) -> None:
@@ -62,7 +84,13 @@ def check_trainer(config: Config) -> None:
         raise UserError("trainer.compile_optimizer=true does not combine with trainer.precision=16 (its grad scaler "
                         "steps the optimizer itself); use trainer.precision=bf16, or trainer.compile_optimizer=false")
     if t.gradient_clip_val < 0:
-        raise UserError(f"trainer.gradient_clip_val={t.gradient_clip_val} must be >= 0")
+        raise UserError(f"trainer.gradient_clip_val={t.gradient_clip_val} must be >= 0 (0: no clipping)")
+    if t.early_stopping.min_delta < 0:
+        raise UserError(f"trainer.early_stopping.min_delta={t.early_stopping.min_delta} must be >= 0")
+    for key, value, zero in (("early_stopping.patience", t.early_stopping.patience, "never stop early"),
+                             ("save_top_k", t.save_top_k, "no best checkpoint")):
+        if value < 0:
+            raise UserError(f"trainer.{key}={value} must be >= 0 (0: {zero})")
     for key in ("val_every_n_steps", "ckpt_every_n_steps", "num_workers"):
         if getattr(t, key) < 0:
             raise UserError(f"trainer.{key}={getattr(t, key)} must be >= 0 (0: {NEVER[key]})")

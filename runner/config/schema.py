@@ -5,6 +5,7 @@ signature instead, checked in runner/config/build.py before anything runs.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any, Optional
@@ -162,3 +163,15 @@ def spelled_out(config: Config) -> Config:
     if t.overfit_batches > 0:
         t.limit_train_batches = t.limit_val_batches = t.overfit_batches
     return config
+
+
+def same_value(a: Any, b: Any) -> bool:
+    """Whether two config values are the same setting, NaN equal to NaN (``nan != nan``, and a
+    sweep job with ``optim.lr=nan`` could never be resumed: its saved value would always differ)."""
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_value(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b))
+    return a == b

@@ -27,22 +27,10 @@ import torch
 
 from runner.data.classification import classification_bundle
 from runner.data.multilabel_csv import (DECODES, SPLITS, WORKERS_TO_DECODE, CSVImages, check_transforms,
-                                        predict_split)
+                                        predict_split, read_csv)
 from runner.data.transforms import Transforms
 from runner.engine.family import DataBundle
 from runner.errors import UserError
-
-
-def read_csv(csv: str) -> pd.DataFrame:
-    """The CSV with its rows indexed by position among the file's lines (blank lines included,
-    then dropped), so that ``index + 2`` is a row's line number."""
-    path = Path(csv).expanduser()
-    if not path.is_file():
-        raise UserError(f"dataset CSV {csv!r}: no such file")
-    try:
-        return pd.read_csv(path, index_col=False, skip_blank_lines=False).dropna(how="all")
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise UserError(f"dataset CSV {csv!r} cannot be parsed: {str(e).splitlines()[0]}") from None
 
 
 def check_columns(frame: pd.DataFrame, csv: str, needed: list[str]) -> None:

@@ -6,7 +6,9 @@
     <root>/test/<class>/<image>      optional; without it, there is no test evaluation
 
 val and test take the class indices of train (a class folder may be missing there; a folder
-that train does not have is an error). Images (.jpg, .jpeg, .png, .gif, .webp: what
+that train does not have is an error). A class folder of train with no image in it is an error
+(it would be a class the model can never learn, silently counted in the outputs); one of val or
+test is allowed, as a missing one is, with a warning. Images (.jpg, .jpeg, .png, .gif, .webp: what
 ``torchvision.io.decode_image`` reads) are decoded as RGB (``channels: 3``) or grey
 (``channels: 1``), go through ``train_transforms`` (training split) or ``eval_transforms`` (the
 others; runner/data/transforms.py), are resized to ``image_size`` squared (antialiased) where
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -35,6 +38,7 @@ from runner.engine.family import DataBundle
 from runner.errors import UserError
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+log = logging.getLogger(__name__)
 
 
 def read_image(path: str, mode: ImageReadMode) -> Tensor:
@@ -115,6 +119,13 @@ def _split(root: Path, name: str, classes: list[str] | None, channels: int, imag
     split = ClassFolder(folder, classes, channels, image_size, transforms)
     if len(split) == 0:
         raise UserError(f"{folder} holds no image ({', '.join(EXTENSIONS)}) in its class folders")
+    found = set(split.targets)
+    empty = [folder / name for i, name in enumerate(split.classes) if i not in found and (folder / name).is_dir()]
+    if empty and classes is None:
+        raise UserError(f"{empty[0]} holds no image ({', '.join(EXTENSIONS)}): every class folder of train needs "
+                        "images; remove the folder or add its images")
+    if empty:
+        log.warning("%s holds no image: that class is not evaluated in %s", ", ".join(map(str, empty)), name)
     return split
 
 

@@ -180,20 +180,22 @@ class CSVImages(Dataset):
                          "could not be decoded on the device, though each decodes on the CPU; try dataset.decode=cpu")
 
 
-def _read_csv(csv: str) -> pd.DataFrame:
+def read_csv(csv: str) -> pd.DataFrame:
+    """The CSV with its rows indexed by position among the file's lines (blank lines kept, then
+    dropped), so that ``index + 2`` is a row's line number. A column named twice is refused:
+    pandas would rename the second one ("cat.1") and read it as a column of its own."""
     path = Path(csv).expanduser()
     if not path.is_file():
         raise UserError(f"dataset CSV {csv!r}: no such file")
     try:
-        header = next(csv_module.reader(path.open(newline="", encoding="utf-8")), [])
-        # Blank lines kept, then dropped: the index stays the line number (minus the header).
-        frame = pd.read_csv(path, index_col=False, skip_blank_lines=False).dropna(how="all")
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise UserError(f"dataset CSV {csv!r} cannot be parsed: {e}") from None
-    repeated = sorted({name for name in header if header.count(name) > 1})
-    if repeated:  # pandas would rename the second one ("cat.1") and train it as a label of its own
-        raise UserError(f"{csv}, line 1: column {repeated[0]!r} appears more than once")
-    return frame
+        with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: a BOM is not part of the first name
+            header = next(csv_module.reader(f), [])
+        repeated = next((name for i, name in enumerate(header) if name in header[:i]), None)
+        if repeated is not None:
+            raise UserError(f"{csv}, line 1: column {repeated!r} appears more than once; each column needs its own name")
+        return pd.read_csv(path, index_col=False, skip_blank_lines=False).dropna(how="all")
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, csv_module.Error) as e:
+        raise UserError(f"dataset CSV {csv!r} cannot be parsed: {str(e).splitlines()[0]}") from None
 
 
 def _plain(value: object) -> object:
@@ -291,7 +293,7 @@ def build(
     if split_column is not None and (val_csv or test_csv):
         raise UserError("dataset.split_column takes the splits from dataset.csv: leave val_csv and test_csv null")
 
-    main = _read_csv(csv)
+    main = read_csv(csv)
     reserved = [path_column] + ([split_column] if split_column else [])
     if label_columns is None:
         label_columns = [str(c) for c in main.columns if c not in reserved]
@@ -313,7 +315,7 @@ def build(
         frames["train"] = (main, csv)
         for split, other in (("val", val_csv), ("test", test_csv)):
             if other is not None:
-                frame = _read_csv(other)
+                frame = read_csv(other)
                 _check_columns(frame, other, needed)
                 frames[split] = (frame, other)
 

@@ -13,7 +13,8 @@ The engine knows nothing about images, latent variables or text. A family gives 
   Because the state is additive and every sample is seen exactly once, metrics under N
   processes equal the single-process metrics.
 * optional hooks: ``on_train_epoch_start`` (reset carried state), ``after_evaluation`` (write
-  family extras such as ``per_class.csv`` or ``samples.txt``).
+  family extras such as ``per_class.csv`` or ``samples.txt``), ``check_output`` (the model's
+  output fits the targets: run once on the first training samples, as the family is built).
 * optionally, ``train_loss`` in parts (subclass ``StepInParts``), which lets jobs of the same shapes train fused as
   one batched model (runner/engine/fused.py): ``train_inputs(batch)`` makes every random draw
   of the step (from ``generator``: None is the global RNG, a fused job has its own),
@@ -116,6 +117,11 @@ class Family(ABC):
 
     def on_train_epoch_start(self, epoch: int) -> None:
         """Reset state carried across batches (e.g. an LSTM's hidden state)."""
+
+    def check_output(self, batch: Any) -> None:
+        """Raise UserError where the model's output on ``batch`` (the first training samples, on
+        the CPU) does not fit the targets; runner's families run it once as they are built
+        (runner/families/first_batch.py)."""
 
     def after_evaluation(self, split: str, metrics: dict[str, float], run_dir: Path | None) -> None:
         """Write family extras (per_class.csv, samples.txt, plots). Called on rank 0 only."""

@@ -45,7 +45,9 @@ class RunLife:
     def __init__(self, config: Config, run_dir: Path | None, choices: dict[str, str] | None = None,
                  job: JobInfo | None = None):
         self.config, self.run_dir, self.choices = config, run_dir, choices or {}
-        self.console = Console(quiet=int(os.environ.get("RANK", "0")) != 0)  # rank 0 speaks for all
+        quiet = int(os.environ.get("RANK", "0")) != 0  # rank 0 speaks for all
+        self.console = Console(quiet=quiet)
+        self.errors = Console(stderr=True, quiet=quiet)  # how a run failed goes to stderr, as Hydra's errors do
         self.results = RunResults(run_dir, run=RunInfo.of(config, run_dir, choices, job), logger=config.logger)
         if config.debug:  # a debug run (the debug group) says so wherever its results are read
             self.results.summary["debug"] = config.debug
@@ -154,8 +156,9 @@ class RunLife:
             results.finish()
         except Exception as e:
             log.warning("after the summary was written: %s", runtime_message(e))
-        if self.outcome:
-            self.console.print(self.outcome, highlight=False, soft_wrap=True)
+        if self.outcome:  # a failure on stderr; an interruption (resume= continues it) on stdout
+            (self.errors if self.status == "failed" else self.console).print(self.outcome, highlight=False,
+                                                                             soft_wrap=True)
             log.info("%s", Text.from_markup(self.outcome).plain)
         elif self.status == "completed" and results.enabled:
             predictions = results.summary.get("predictions")

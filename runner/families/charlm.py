@@ -20,6 +20,7 @@ from runner.data.text import IGNORE_INDEX
 from runner.engine.family import DataBundle, Evaluator, StepInParts
 from runner.errors import UserError
 from runner.config.compat import Accepts
+from runner.families.first_batch import check_first_batch, check_fits
 from runner.losses.charlm import TokenCrossEntropy
 
 ACCEPTS = Accepts(datasets=("runner.data.text.",), models=("runner.models.char_lstm.",), losses=("runner.losses.charlm.",))
@@ -125,6 +126,14 @@ class CharLMFamily(StepInParts):
     def carried(self, outputs: tuple[Tensor, State]) -> State:
         return outputs[1]
 
+    def check_output(self, batch: tuple[Tensor, Tensor]) -> None:
+        outputs = self.forward(self.raw_model, self.train_inputs(batch))
+        if not (isinstance(outputs, tuple) and len(outputs) == 2):
+            raise UserError(f"the model returned {type(outputs).__name__}; a char-LM returns (logits, state), as "
+                            "runner.models.char_lstm.CharLSTM does")
+        check_fits(outputs[0], (*batch[1].shape, len(self.vocab)), f"the {len(self.vocab)} characters of the "
+                   "vocabulary for each target", "the model needs logits [batch, time, vocabulary]")
+
     def keep(self, carried: State) -> None:
         if self.state is None or self.state[0].shape != carried[0].shape:
             self.state = tuple(s.detach().clone() for s in carried)
@@ -178,4 +187,4 @@ def build(bundle: DataBundle, model: Any, loss: Any, seed: int = 0) -> CharLMFam
     loss = build_node(loss, "loss")
     if not isinstance(loss, TokenCrossEntropy):
         raise UserError(f"loss {type(loss).__name__} does not apply to the char-LM: use loss=cross_entropy")
-    return CharLMFamily(model, loss, vocab, seed=seed)
+    return check_first_batch(CharLMFamily(model, loss, vocab, seed=seed), bundle)

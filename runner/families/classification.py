@@ -28,6 +28,7 @@ from runner.config.build import build as build_node
 from runner.config.compat import Accepts
 from runner.engine.family import DataBundle, Evaluator, Family
 from runner.errors import UserError
+from runner.families.first_batch import check_first_batch, check_fits
 from runner.metrics.classification import batch_sums, classification_metrics, confusion_frame
 
 ACCEPTS = Accepts(datasets=("runner.data.patterns.", "runner.data.imagefolder.", "runner.data.image_csv.",
@@ -75,6 +76,9 @@ class ClassificationFamily(Family):
 
     def evaluator(self, split: str) -> Evaluator:
         return ClassificationEvaluator(self, split)
+
+    def check_output(self, batch: Any) -> None:
+        self.logits(self.raw_model, *batch)  # checks the output
 
     def predict(self, batch: Any) -> dict[str, Tensor]:
         """mode=predict: the predicted class, its probability, every class's probability, and the
@@ -144,12 +148,10 @@ def split_batch(batch: Any) -> tuple[Tensor, Tensor | None]:
 
 
 def check_outputs(logits: Any, targets: Tensor, num_classes: int) -> None:
-    """One clear message for a model whose output does not fit the classes (shapes only: no sync)."""
-    if not isinstance(logits, Tensor) or logits.shape != (targets.shape[0], num_classes):
-        got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
-        raise UserError(f"the model's output {got} does not fit the {num_classes} classes of the data "
-                        f"(expected {(targets.shape[0], num_classes)}): give the model {num_classes} outputs, e.g. "
-                        f"model.num_classes={num_classes}, or use model=torchvision")
+    """One clear message for a model whose output does not fit the classes."""
+    check_fits(logits, (targets.shape[0], num_classes), f"the {num_classes} classes of the data",
+               f"give the model {num_classes} outputs (float logits), e.g. model.num_classes={num_classes}, or use "
+               "model=torchvision")
 
 
 def first_conv_channels(model: nn.Module) -> int | None:
@@ -167,4 +169,4 @@ def build(bundle: DataBundle, model: Any, loss: Any, seed: int = 0) -> Classific
     if wanted is not None and wanted != channels and not repeat_grey:
         raise UserError(f"the model's first convolution takes {wanted} channels; the data have {channels}")
     loss = build_node(loss, "loss", class_counts=list(info["class_counts"]), class_names=names)
-    return ClassificationFamily(model, loss, names, list(info["class_counts"]), repeat_grey)
+    return check_first_batch(ClassificationFamily(model, loss, names, list(info["class_counts"]), repeat_grey), bundle)

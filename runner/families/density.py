@@ -22,6 +22,7 @@ from runner.report import plots
 from runner.engine.family import DataBundle, StepInParts
 from runner.errors import UserError
 from runner.config.compat import Accepts
+from runner.families.first_batch import check_first_batch, check_fits
 from runner.losses.iwae import DReG, ImportanceBound
 from runner.metrics.density import DensityEvaluator
 from runner.models.vae import VAE
@@ -62,6 +63,13 @@ class DensityFamily(StepInParts):
 
     def units(self, inputs: tuple[Tensor, list[Tensor]]) -> int:
         return inputs[0].shape[0]
+
+    def check_output(self, batch: Tensor) -> None:
+        inputs = self.train_inputs(batch)
+        outputs = self.forward(self.raw_model, inputs)
+        log_w = outputs.get("log_w") if isinstance(outputs, dict) else outputs
+        check_fits(log_w, (self.loss.k, inputs[0].shape[0]), f"log_w of loss.k={self.loss.k} samples per image",
+                   "the model's forward must return {'log_w': [k, batch], ...} as runner.models.vae.VAE does")
 
     def predict(self, batch: Tensor) -> dict[str, Tensor]:
         """mode=predict: each sample's ELBO and its k-sample importance bound (k = loss.k), in nats."""
@@ -128,4 +136,4 @@ def build(bundle: DataBundle, model: Any, loss: Any, seed: int = 0) -> DensityFa
     if not isinstance(model, VAE) or not isinstance(loss, ImportanceBound):
         raise UserError("the density family needs a VAE model (model=vae1|vae2) and an importance bound "
                         "(loss=elbo|iwae|dreg)")
-    return DensityFamily(model, loss, bundle)
+    return check_first_batch(DensityFamily(model, loss, bundle), bundle)

@@ -28,6 +28,7 @@ from runner.engine.family import DataBundle, Evaluator, Family
 from runner.errors import UserError
 from runner.families.classification import split_batch
 from runner.config.compat import Accepts
+from runner.families.first_batch import check_first_batch, check_fits
 from runner.metrics.multilabel import multilabel_metrics, tune_thresholds
 
 # Any image classifier fits: runner's torchvision and timm options, small_cnn and cifar_resnet for
@@ -75,6 +76,10 @@ class MultiLabelFamily(Family):
 
     def evaluator(self, split: str) -> Evaluator:
         return MultiLabelEvaluator(self, split)
+
+    def check_output(self, batch: Any) -> None:
+        images, targets = batch
+        check_outputs(self.raw_model(images), targets, self.label_names)
 
     def predict(self, batch: Any) -> dict[str, Tensor]:
         """mode=predict: each label's probability and its decision at the val-tuned threshold,
@@ -152,12 +157,10 @@ class MultiLabelFamily(Family):
 
 
 def check_outputs(logits: Any, targets: Tensor, label_names: list[str]) -> None:
-    """One clear message for a model whose output does not fit the labels (shapes only: no sync)."""
-    if not isinstance(logits, Tensor) or logits.shape != targets.shape:
-        got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
-        raise UserError(f"the model's output {got} does not fit the {len(label_names)} labels of the data "
-                        f"(expected {tuple(targets.shape)}): give the model {len(label_names)} outputs, e.g. "
-                        f"model.num_classes={len(label_names)}, or use model=torchvision")
+    """One clear message for a model whose output does not fit the labels."""
+    n = len(label_names)
+    check_fits(logits, tuple(targets.shape), f"the {n} labels of the data",
+               f"give the model {n} outputs (float logits), e.g. model.num_classes={n}, or use model=torchvision")
 
 
 def label_counts(train_labels: Tensor) -> tuple[list[int], int]:
@@ -171,4 +174,5 @@ def build(bundle: DataBundle, model: Any, loss: Any, seed: int = 0) -> MultiLabe
     model = build_node(model, "model", num_outputs=info["num_labels"])
     loss = build_node(loss, "loss", pos_counts=pos_counts, num_samples=num_samples,
                       label_names=list(info["label_names"]))
-    return MultiLabelFamily(model, loss, list(info["label_names"]), [float(p) for p in info["prevalence"]])
+    family = MultiLabelFamily(model, loss, list(info["label_names"]), [float(p) for p in info["prevalence"]])
+    return check_first_batch(family, bundle)

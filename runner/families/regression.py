@@ -9,16 +9,17 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
-from runner.config.build import build as build_node, plain
+from runner.config.build import Count, Size, build as build_node, plain
 from runner.engine.family import DataBundle, Evaluator, StepInParts
 from runner.config.compat import Accepts
+from runner.families.first_batch import check_first_batch, check_fits
 from runner.losses.regression import SquaredError
 
 ACCEPTS = Accepts(datasets=("runner.families.regression.synthetic",), models=("runner.families.regression.mlp",),
                   losses=("runner.losses.regression.",))
 
 
-def synthetic(n_train: int = 256, n_val: int = 64, n_test: int = 64, dim: int = 8, noise: float = 0.1,
+def synthetic(n_train: Count = 256, n_val: Count = 64, n_test: Count = 64, dim: Size = 8, noise: float = 0.1,
               seed: int = 0) -> DataBundle:
     """y = x @ w + noise, with w and x drawn from a generator seeded by ``seed``."""
     g = torch.Generator().manual_seed(seed)
@@ -33,7 +34,7 @@ def synthetic(n_train: int = 256, n_val: int = 64, n_test: int = 64, dim: int = 
     return DataBundle("regression", split(n_train), split(n_val), split(n_test), info={"dim": dim})
 
 
-def mlp(dim: int, hidden: int = 16, batchnorm: bool = False) -> nn.Module:
+def mlp(dim: int, hidden: Size = 16, batchnorm: bool = False) -> nn.Module:
     norm = [nn.BatchNorm1d(hidden)] if batchnorm else []
     return nn.Sequential(nn.Linear(dim, hidden), *norm, nn.Tanh(), nn.Linear(hidden, 1))
 
@@ -76,6 +77,11 @@ class RegressionFamily(StepInParts):
     def evaluator(self, split: str) -> Evaluator:
         return MSEEvaluator(self.raw_model, self.loss)
 
+    def check_output(self, batch: Any) -> None:
+        x, y = batch
+        check_fits(self.forward(self.raw_model, (x, y)), tuple(y.shape), "the targets",
+                   "the model needs one output per target column, shaped like the targets")
+
     def predict(self, batch: Any) -> dict[str, Tensor]:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         return {"prediction": self.raw_model(x).float().flatten(1)[:, 0]}
@@ -87,4 +93,5 @@ def fusion_blocker(model: Any, loss: Any) -> str | None:
 
 
 def build(bundle: DataBundle, model: Any, loss: Any, seed: int = 0) -> RegressionFamily:
-    return RegressionFamily(build_node(model, "model", dim=bundle.info["dim"]), build_node(loss, "loss"))
+    family = RegressionFamily(build_node(model, "model", dim=bundle.info["dim"]), build_node(loss, "loss"))
+    return check_first_batch(family, bundle)

@@ -137,6 +137,10 @@ def report_sweep(folder: Path, metrics: list[str] | None, sort: str | None, grou
     override_keys = table.attrs["override_keys"]
     chosen = metric_columns(table, metrics)  # --metric, else every metric
     keys = group_by if group_by is not None else swept_keys(table, override_keys)
+    unknown = [k for k in keys if k not in override_keys]
+    if unknown:
+        raise SystemExit(f"error: --group-by key {unknown[0]!r} is not an override of this sweep; its overrides: "
+                         f"{', '.join(override_keys) or '(none)'}")
     summary = aggregate(table, keys, chosen)
     monitor, monitor_mode = monitor_of(folder)
     if monitor is None and "val/loss" in chosen:
@@ -190,11 +194,14 @@ def show_best(folder: Path, console: Console) -> dict | None:
 
 
 def report_run(folder: Path, console: Console) -> None:
-    summary = json.loads((folder / "summary.json").read_text())
-    table = Table(title=f"{folder.name} ({summary['status']})")
+    try:
+        summary = json.loads((folder / "summary.json").read_text())
+    except ValueError as e:
+        raise SystemExit(f"error: {folder / 'summary.json'} is not JSON: {e}") from None
+    table = Table(title=f"{folder.name} ({summary.get('status')})")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for key, value in sorted(summary["metrics"].items()):
+    for key, value in sorted(summary.get("metrics", {}).items()):
         table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     console.print(table)
     if summary.get("error"):
@@ -211,22 +218,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sort", help="sort rows best-first by this metric's mean; default: trainer.monitor")
     parser.add_argument("--group-by", help="comma-separated override keys to group by; default: the swept ones")
     args = parser.parse_args(argv)
-    console = Console()
+    console, errors = Console(), Console(stderr=True)  # user errors on stderr, as python -m runner's
     folder = args.folder
-    if not folder.is_dir():
-        console.print(f"[red]error:[/] {folder} is not a folder")
-        return 2
     group_by = [k for k in args.group_by.split(",") if k] if args.group_by is not None else None
     try:
-        if (folder / "summary.json").is_file() and not any((folder / d / ".hydra").is_dir() for d in ("0", "1")):
-            report_run(folder, console)
-        else:
+        if not folder.is_dir():
+            raise SystemExit(f"error: {folder} is not a folder")
+        if job_folders(folder):
             report_sweep(folder, args.metric, args.sort, group_by, console, every=args.all)
+        elif (folder / "summary.json").is_file():
+            report_run(folder, console)
+        elif (folder / ".hydra").is_dir():
+            raise SystemExit(f"error: {folder} is a run folder without summary.json: the run did not start, or was "
+                             "killed before it wrote one")
+        else:
+            raise SystemExit(f"error: {folder} is neither a sweep folder (job folders 0/, 1/, ... with .hydra/ in "
+                             "them) nor a run folder (summary.json): give outputs/multirun/<sweep> or "
+                             "outputs/runs/<run>")
     except SystemExit as e:
-        console.print(str(e), highlight=False)
-        return 2
-    except KeyError as e:
-        console.print(f"[red]error:[/] --group-by key {e} is not an override of this sweep")
+        errors.print(str(e), highlight=False, soft_wrap=True)
         return 2
     return 0
 

@@ -3,6 +3,7 @@ second), the resumed run's own folder, and whether Hydra writes ``.hydra/`` into
 these as resolvers while it composes the config (runner/conf/config.yaml, ``hydra.run.dir``)."""
 from __future__ import annotations
 
+import atexit
 import os
 import tempfile
 from pathlib import Path
@@ -17,6 +18,7 @@ class FolderClaims:
 
     def __init__(self) -> None:
         self.claimed: dict[str, str] = {}
+        self.created_parents: list[Path] = []  # folders claim() made to hold the ones it claimed
 
     def claim(self, base: str) -> str:
         """Create ``base`` or, if taken, ``base_1``, ``base_2``... (``os.mkdir`` is atomic, so
@@ -25,7 +27,7 @@ class FolderClaims:
             return self.claimed[base]
         candidate, n = base, 0
         try:
-            Path(base).parent.mkdir(parents=True, exist_ok=True)
+            self.make_parents(Path(base))
             while True:
                 try:
                     os.mkdir(candidate)
@@ -33,6 +35,8 @@ class FolderClaims:
                 except FileExistsError:
                     n += 1
                     candidate = f"{base}_{n}"
+                except FileNotFoundError:  # another process removed the empty parent it had made
+                    self.make_parents(Path(base))
             probe = Path(candidate) / ".writable"
             probe.write_text("")
             probe.unlink()
@@ -40,6 +44,22 @@ class FolderClaims:
             raise UserError(f"cannot create the run folder {candidate} (check output_root): {e.strerror or e}") from None
         self.claimed[base] = candidate
         return candidate
+
+    def make_parents(self, folder: Path) -> None:
+        missing = [parent for parent in folder.parents if not parent.exists()]
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        if missing and not self.created_parents:
+            atexit.register(self.remove_empty_parents)
+        self.created_parents.extend(p for p in missing if p not in self.created_parents)
+
+    def remove_empty_parents(self) -> None:
+        """At exit: the folders made only to hold a run folder that is gone (a run rejected with
+        exit 2 leaves no ``outputs/runs/``); rmdir refuses any that holds something."""
+        for parent in sorted(self.created_parents, key=lambda p: len(p.parts), reverse=True):  # deepest first
+            try:
+                parent.rmdir()
+            except OSError:
+                pass
 
 
 CLAIMS = FolderClaims()
@@ -52,6 +72,17 @@ def claim_unique_dir(base: str) -> str:
 def is_nonzero_rank() -> bool:
     """True in a worker of an external torchrun other than rank 0: it writes no run folder."""
     return int(os.environ.get("RANK", "0")) != 0
+
+
+def checked_root(output_root: str) -> str:
+    """``output_root``, refused where it would put runs at the filesystem root: empty (an unset
+    variable, ``output_root=$OUT``) or ``/`` (``output_root=$OUT/``)."""
+    if not str(output_root).strip():
+        raise UserError("output_root='' is empty: name the folder that gets runs/ and multirun/ (default: outputs)")
+    if Path(output_root).expanduser().resolve() == Path("/").resolve():
+        raise UserError(f"output_root={output_root!r} is the filesystem root: name a folder for runs/ and multirun/ "
+                        "(default: outputs)")
+    return str(output_root)
 
 
 def run_folder(resume: Optional[str], base: str) -> str:
