@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import traceback
 from pathlib import Path
 from typing import Any, Sequence
@@ -252,6 +253,11 @@ def train(lives: list[RunLife], take_steps: Any, stop: SignalFlag) -> None:
     try:
         fit(trainers, take_steps, stop)
     except (Exception, KeyboardInterrupt) as e:
+        if stop.signum is not None and not isinstance(e, (Interrupted, KeyboardInterrupt)):
+            # A signal to the whole process group (Ctrl-C, timeout, SLURM) also reaches torch.compile's
+            # worker processes: the step that then fails was stopped by the signal, not by a fault.
+            log.info("the step failed after %s: %s: %s", signal.Signals(stop.signum).name, type(e).__name__, e)
+            e = Interrupted(stop.signum, "a step (the signal stopped it)")
         for life in lives:
             if life.status == "running":
                 life.fail(e)
