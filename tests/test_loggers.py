@@ -65,18 +65,18 @@ def test_an_unknown_logger_in_a_list_names_the_options():
 
 def test_a_missing_package_exits_2_naming_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "mlflow", None)  # as if not installed
-    code, run_dir = run_in_process(tmp_path, *REGRESSION, "logger=[csv,mlflow]")
-    assert code == 2
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["error"] == "logger=mlflow needs mlflow: pip install 'runner[mlflow]'"
-    assert not (run_dir / "metrics.jsonl").exists()  # stopped before anything ran
+    from conftest import rejected
+
+    code, error = rejected(tmp_path, *REGRESSION, "logger=[csv,mlflow]")
+    assert code == 2 and error == "logger=mlflow needs mlflow: pip install 'runner[mlflow]'"
+    assert not (tmp_path / "run").exists()  # stopped before anything ran: no folder left
 
 
 def test_an_unknown_logger_key_exits_2(tmp_path):
-    code, run_dir = run_in_process(tmp_path, *REGRESSION, "+logger.csv.delimiter=tab")
-    assert code == 2
-    assert "unknown key 'logger.csv.delimiter'; allowed keys of logger.csv: filename" in \
-        json.loads((run_dir / "summary.json").read_text())["error"]
+    from conftest import rejected
+
+    code, error = rejected(tmp_path, *REGRESSION, "+logger.csv.delimiter=tab")
+    assert code == 2 and "unknown key 'logger.csv.delimiter'; allowed keys of logger.csv: filename" in error
 
 
 # --- each logger against its own reader --------------------------------------------------------
