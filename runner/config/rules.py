@@ -26,6 +26,7 @@ def check(config: Config, choices: dict[str, str]) -> None:
 
     check_trainer(config)
     check_modes(config)
+    check_launch(config)
     if config.device.sync_batchnorm and not (config.device.strategy == Strategy.ddp and config.device.backend == "nccl"):
         raise UserError("device.sync_batchnorm=true synchronises BatchNorm across GPU processes: it needs device=ddp "
                         "with device.backend=nccl")
@@ -33,6 +34,18 @@ def check(config: Config, choices: dict[str, str]) -> None:
     family = compat.family_of_dataset(config.dataset)
     if family is not None:  # runner's own dataset: an incompatible pair stops before anything runs
         compat.check_compatible(family, choices, model=config.model, loss=config.loss)
+
+
+def check_launch(config: Config) -> None:
+    """Several processes started by torchrun or srun are one run only under device=ddp: with any
+    other strategy each would train alone (and all but rank 0 would write nothing)."""
+    from runner.engine.slurm import world_size
+
+    world = world_size()
+    if world > 1 and config.device.strategy != Strategy.ddp:
+        raise UserError(f"{world} processes were started for this run (torchrun, or srun's tasks: SLURM_NTASKS) but "
+                        f"device={config.device.strategy.value} runs one: use device=ddp, or start one task "
+                        "(hydra.launcher.tasks_per_node=1)")
 
 
 def check_trainer(config: Config) -> None:
