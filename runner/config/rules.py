@@ -27,6 +27,7 @@ def check(config: Config, choices: dict[str, str]) -> None:
     check_trainer(config)
     check_modes(config)
     check_launch(config)
+    check_tags(config)
     if config.device.sync_batchnorm and not (config.device.strategy == Strategy.ddp and config.device.backend == "nccl"):
         raise UserError("device.sync_batchnorm=true synchronises BatchNorm across GPU processes: it needs device=ddp "
                         "with device.backend=nccl")
@@ -46,6 +47,13 @@ def check_launch(config: Config) -> None:
         raise UserError(f"{world} processes were started for this run (torchrun, or srun's tasks: SLURM_NTASKS) but "
                         f"device={config.device.strategy.value} runs one: use device=ddp, or start one task "
                         "(hydra.launcher.tasks_per_node=1)")
+
+
+def check_tags(config: Config) -> None:
+    """Top-level ``tags`` go to every tracker: W&B takes tags of 1-64 characters."""
+    for i, tag in enumerate(config.tags):
+        if not str(tag).strip() or len(str(tag)) > 64:
+            raise UserError(f"tags[{i}]={tag!r}: a tag is 1 to 64 characters (tags=[seed_sweep,baseline])")
 
 
 def check_trainer(config: Config) -> None:

@@ -34,6 +34,7 @@ from runner.engine.setup import build_callbacks, build_data, build_family, load_
 from runner.engine.signals import SignalFlag
 from runner.errors import EXIT_FAILED, EXIT_OK, EXIT_SIGINT, EXIT_USER_ERROR, Interrupted, NonFiniteLoss, UserError
 from runner.loggers import JobInfo, RunInfo
+from runner.runs.identity import record_identity  # [cluster] git commit, versions, GPU, parameter count
 
 log = logging.getLogger("runner")
 
@@ -78,6 +79,7 @@ class RunLife:
         set_matmul_precision(config.trainer.precision)
         self.bundle = bundle or build_data(config, ctx, self.choices)
         family = build_family(config, ctx, self.bundle)
+        record_identity(results, family.raw_model, ctx.device, config.tags)  # [cluster] what ran: summary.json + trackers
         if config.mode == Mode.train:
             return family
         load_trained(config, family, ctx)

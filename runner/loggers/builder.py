@@ -82,6 +82,10 @@ class Loggers:
         self.start()
         self._each("log a row", lambda logger: logger.log_row(row))
 
+    def identify(self, identity: dict[str, Any]) -> None:
+        self.start()
+        self._each("record what ran", lambda logger: logger.identify(identity))
+
     def finish(self, summary: dict[str, Any], status: str) -> None:
         self._each("finish", lambda logger: logger.finish(summary, status))
         self.active = []  # finished: nothing more to send
