@@ -16,6 +16,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from runner.config.compose import CONF_DIR, register_configs, register_resolvers
+from runner.config.paths import config_dir_argv, load_dotenv
 from runner.report.sweep import write_summary_csv
 from runner.engine import slurm
 from runner.errors import (EXIT_FAILED, EXIT_SIGINT, EXIT_USER_ERROR, JobFailed, SweepInterrupted, UserError,
@@ -86,8 +87,9 @@ def main() -> None:
         return monitored_value(run_dir, cfg.trainer.monitor)
 
     try:
+        load_dotenv()  # the launch folder's .env (RUNNER_DATA_DIR=...), before anything reads the environment
         slurm.export_distributed_env()  # srun's tasks as torchrun's RANK etc., before the run folder is chosen
-        sys.argv = sweep_resumed(sys.argv)
+        sys.argv = config_dir_argv(sweep_resumed(sys.argv))  # $RUNNER_CONFIG_DIR as --config-dir
         task()
     except KeyboardInterrupt:
         sys.exit(EXIT_SIGINT)

@@ -16,6 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
 from runner.config.compose import compose_job
+from runner.config.paths import load_dotenv
 from runner.errors import EXIT_USER_ERROR, UserError
 
 
@@ -40,6 +41,7 @@ def run(overrides: Sequence[str] = (), config_dir: str | None = None) -> dict[st
     from runner.engine.results import read_summary
     from runner.job import run_job
 
+    load_dotenv()  # the launch folder's .env, as on the command line (never over a variable already set)
     cfg = compose_job(overrides, config_dir)
     HydraConfig.instance().set_config(cfg)  # ${hydra:...} in the config (the run's name) resolves
     run_dir = Path(cfg.hydra.run.dir)  # claims a new run folder (or names the resumed one)
