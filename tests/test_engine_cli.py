@@ -21,7 +21,7 @@ def test_end_to_end_run_folder(tmp_path):
     result = run_cli(*FAST, f"output_root={tmp_path}", "trainer.val_every_n_steps=8")
     assert result.returncode == 0, result.stderr
     run_dir = only_run_folder(tmp_path)
-    assert run_dir.name.endswith("_regression")
+    assert run_dir.name.endswith("_regression-max_epochs1")  # the preset plus what the overrides change
     for name in (".hydra/config.yaml", ".hydra/overrides.yaml", ".hydra/hydra.yaml", "metrics.jsonl",
                  "summary.json", "checkpoints/last.pt", "checkpoints/best.pt", "run.log"):
         assert (run_dir / name).is_file(), name

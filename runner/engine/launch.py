@@ -1,6 +1,6 @@
 """``device=ddp`` without an external launcher: start one worker process per device.
 
-Under torchrun (RANK is set) this does nothing and every process runs the job itself. Either
+Under torchrun or an srun of several tasks (runner/engine/slurm.py) this does nothing and every process runs the job itself. Either
 way there is one run folder, written by rank 0 only. Rank 0 writes run.log; another rank that
 fails writes what it logged to ``rank<r>.log`` beside it; only rank 0 prints. The workers leave
 the terminal's process group, so that Ctrl-C reaches this process alone, and it passes the first
@@ -26,7 +26,8 @@ import torch.multiprocessing as mp
 from omegaconf import OmegaConf
 
 from runner.config import Config, Strategy, typed
-from runner.errors import EXIT_FAILED, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM, UserError
+from runner.engine.slurm import distributed_env, requeue_signals
+from runner.errors import EXIT_FAILED, EXIT_OK, UserError, interrupted_codes
 from runner.loggers.base import JobInfo
 
 
@@ -54,7 +55,7 @@ def _worker(rank: int, world: int, port: int, config_yaml: str, run_dir: str | N
         logging.getLogger().addHandler(handler)
     code = run(config, Path(run_dir) if run_dir and rank == 0 else None, choices, job=job)
     (Path(codes) / str(rank)).write_text(str(code))
-    if rank != 0 and run_dir and code not in (EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM):
+    if rank != 0 and run_dir and code not in (EXIT_OK, *interrupted_codes()):
         (Path(run_dir) / f"rank{rank}.log").write_text("".join(f"{line}\n" for line in records.lines))
 
 
@@ -100,7 +101,7 @@ def worker_count(config: Config) -> int:
 
 def maybe_spawn(config: Config, run_dir: Path, choices: dict[str, str], job: JobInfo | None = None) -> int | None:
     """Exit code of the spawned job, or None when this process should run the job itself."""
-    if config.device.strategy != Strategy.ddp or "RANK" in os.environ:
+    if config.device.strategy != Strategy.ddp or distributed_env(address=False):  # torchrun, srun: started already
         return None
     world = worker_count(config)
     # Each worker leaves its exit code in a file: no Manager process, which would outlive a
@@ -118,7 +119,7 @@ def maybe_spawn(config: Config, run_dir: Path, choices: dict[str, str], job: Job
                 if process.is_alive():
                     os.kill(process.pid, signum)
 
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM, *requeue_signals())}
     try:
         wait_for(workers.processes)
     finally:
