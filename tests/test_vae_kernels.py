@@ -239,7 +239,7 @@ def test_fused_jobs_vmapped_over_stacked_weights_equal_each_eager_vae(launches):
 
 def test_the_model_config_turns_it_on():
     from conftest import compose
-    from runner.build import build
+    from runner.config.build import build
 
     cfg = compose("experiment=iwae_silhouettes", "model.fused_output=true")
     assert build(cfg.model, "model", x_dim=784).fused_output_loglik is vk.output_loglik
