@@ -21,19 +21,29 @@ import time
 
 
 def preload() -> None:
+    """Import what the commands import (every runner module but runner.__main__, which
+    `python -m runner` imports fresh as __main__) and draw one figure, so that matplotlib's font
+    cache is read once here and not in every child."""
+    import importlib
+    import pkgutil
+
     import matplotlib
 
     matplotlib.use("Agg")
-    import hydra  # noqa: F401
-    import omegaconf  # noqa: F401
-    import torch  # noqa: F401
-    import torchvision  # noqa: F401
+    import matplotlib.pyplot as plt
 
-    # Not runner.__main__ itself: `python -m runner` imports it fresh, as __main__.
-    import runner.config.compose  # noqa: F401
-    import runner.engine.run  # noqa: F401
-    import runner.job  # noqa: F401
-    import runner.report.table  # noqa: F401
+    import runner
+
+    for module in pkgutil.walk_packages(runner.__path__, "runner."):
+        if not module.name.endswith("__main__"):
+            try:
+                importlib.import_module(module.name)
+            except ImportError:  # an optional extra that is not installed: the command imports it itself
+                pass
+    figure = plt.figure()
+    figure.add_subplot().plot([0, 1])
+    figure.savefig(os.devnull, format="png")
+    plt.close(figure)
 
 
 def child(request: dict) -> None:

@@ -53,6 +53,10 @@ SHORT = ("trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit
          "trainer.limit_test_batches=1")  # one epoch of 2 batches: its validation, checkpoints and test still run
 SMALL = ("dataset.n_train=32", "dataset.n_val=32", "dataset.n_test=32")  # the embedded sets
 SHAPES = (*SHORT, *SMALL, "trainer.batch_size=16")  # the default experiment: DenseNet121 on shapes
+# Drawing the plots is 2-4 s of such a run on the 2-core CPU: left out where the command is about
+# something else (an optimizer, a schedule, a sweep's jobs, a model of one's own); the default run,
+# the families' presets and the debug runs keep them.
+QUICK = (*SHAPES, "~callbacks.plots")
 PATTERNS = (*SHORT, *SMALL)
 SILHOUETTES = (*SHORT, *SMALL, "loss.eval_k=10")
 MNIST_IWAE = (*SHORT, "loss.eval_k=10", "trainer.eval_batch_size=20")
@@ -68,6 +72,7 @@ class Run:
     base: str | None = None  # the run folder <run> stands for: "regression", "pets" or "sweep"
     needs: Path | None = None  # a data file: skipped, naming it, where it is absent
     files: tuple[str, ...] = ()  # globs under the command's folder that must exist afterwards
+    absent: tuple[str, ...] = ()  # ... and that must not
     stdout: str | None = None  # text the command must print
     log: str | None = None  # text one of the run.log files it wrote must hold
     runs: bool = True  # it trains or evaluates: every summary.json it leaves says completed
@@ -98,11 +103,13 @@ COMMANDS: dict[str, Run | Fails | Compose | Skip] = {
         INSTALLS + "; `python -m runner` itself runs below"),
     "pip install torch==2.14.1 torchvision==0.29.1 && pip install -e '.[test]' && python -m pytest -q": Skip(
         INSTALLS + "; the pytest command is this suite"),
-    "python -m runner": Run(SHAPES),
+    "python -m runner": Run(SHAPES, files=tuple(f"outputs/runs/*_focal_densenet/{f}" for f in (  # README: what a run leaves
+        ".hydra/config.yaml", "run.log", "metrics.jsonl", "metrics.csv", "checkpoints/last.pt", "checkpoints/best.pt",
+        "plots/curves.png", "plots/pr_curves.png", "per_class.csv"))),
     "python -m runner experiment=classify": Run(PATTERNS),
     "python -m runner experiment=iwae_mnist --cfg job": Run(runs=False, stdout="_target_: runner.data.binarized.mnist"),
     "python -m runner --help": Run(runs=False, stdout="hparams_search"),
-    "python -m runner -m loss=bce,focal trainer.seed=0,1,2": Run(SHAPES, files=("outputs/multirun/*/summary.csv",
+    "python -m runner -m loss=bce,focal trainer.seed=0,1,2": Run(QUICK, files=("outputs/multirun/*/summary.csv",
                                                                                   "outputs/multirun/*/5/summary.json")),
     "python -m runner.report outputs/multirun/<sweep>": Run(base="sweep", runs=False, files=(
         "outputs/multirun/*/report.csv",)),
@@ -111,14 +118,14 @@ COMMANDS: dict[str, Run | Fails | Compose | Skip] = {
     "python -m runner mode=predict ckpt_path=outputs/runs/<run>/checkpoints/best.pt": Run(
         base="regression", files=("outputs/runs/*/predictions.csv",)),
     # Your own experiment
-    "python -m runner --config-dir myconf model=tiny": Run(SHAPES),
+    "python -m runner --config-dir myconf model=tiny": Run(QUICK),
     "runner --config-dir myconf model=tiny": Fails("No module named 'mynets'"),
-    "PYTHONPATH=. runner --config-dir myconf model=tiny": Run(SHAPES),
-    "python -m runner optim._target_=torch.optim.RAdam optim.lr=3e-4": Run(SHAPES),
-    "python -m runner optim=sgd optim.lr=0.1 optim.weight_decay=5e-4 optim.decay_bias_and_norm=false": Run(SHAPES),
-    "python -m runner schedule=one_cycle schedule.max_lr=0.01": Run(SHAPES),
+    "PYTHONPATH=. runner --config-dir myconf model=tiny": Run(QUICK),
+    "python -m runner optim._target_=torch.optim.RAdam optim.lr=3e-4": Run(QUICK),
+    "python -m runner optim=sgd optim.lr=0.1 optim.weight_decay=5e-4 optim.decay_bias_and_norm=false": Run(QUICK),
+    "python -m runner schedule=one_cycle schedule.max_lr=0.01": Run(QUICK),
     "python -m runner schedule._target_=torch.optim.lr_scheduler.ExponentialLR +schedule.gamma=0.9 "
-    "schedule.interval=epoch": Run(SHAPES),
+    "schedule.interval=epoch": Run(QUICK),
     "<python: from runner import run>": Run(stdout="completed"),
     # The families
     "python -m runner experiment=asl_densenet": Run(SHAPES),
@@ -144,7 +151,8 @@ COMMANDS: dict[str, Run | Fails | Compose | Skip] = {
     # Callbacks and debug runs
     "python -m runner --config-dir myconf experiment=regression 'callbacks=[default,good_enough]'": Run(
         log="val/best_loss="),
-    "python -m runner experiment=regression '~callbacks.plots' '~callbacks.early_stopping'": Run(),
+    "python -m runner experiment=regression '~callbacks.plots' '~callbacks.early_stopping'": Run(
+        files=("outputs/runs/*/checkpoints/last.pt",), absent=("outputs/runs/*/plots",)),
     "python -m runner debug=fdr": Run(SMALL),
     "python -m runner debug=limit": Run((*SMALL, "trainer.batch_size=16")),
     "python -m runner experiment=regression debug=overfit": Run(),
@@ -178,7 +186,7 @@ COMMANDS: dict[str, Run | Fails | Compose | Skip] = {
     # Bad input
     "python -m runner.report <folder>": Fails("is neither a sweep folder"),
     # Troubleshooting
-    "OMP_WAIT_POLICY=PASSIVE python -m runner": Run(SHAPES),
+    "OMP_WAIT_POLICY=PASSIVE python -m runner": Run(QUICK),
     "python -m runner model.weights=DEFAULT": Fails("is not in the local cache", unless=DENSENET_WEIGHTS),
 }
 
@@ -186,7 +194,7 @@ COMMANDS: dict[str, Run | Fails | Compose | Skip] = {
 # form (its own test's folder, where that test ran first); the regression run <run> stands for; the
 # image folders' run for dataset.predict.
 BASES = {
-    "sweep": ("python -m runner -m loss=bce,focal trainer.seed=0,1,2", SHAPES),
+    "sweep": ("python -m runner -m loss=bce,focal trainer.seed=0,1,2", QUICK),
     "regression": ("python -m runner experiment=regression trainer.deterministic=true", ()),
     "pets": ("python -m runner experiment=classify dataset=imagefolder dataset.root=data/pets", IMAGES),
 }
@@ -475,6 +483,8 @@ def test_readme_command(command, place, request):
         if command.text == base_command and spec.smoke == smoke and name not in place.made:
             kind = "multirun" if "-m" in shlex.split(base_command)[3:] else "runs"
             (place.made[name],) = (cwd / "outputs" / kind).iterdir()  # what a later command's <sweep> stands for
+    for pattern in spec.absent:
+        assert not list(cwd.glob(pattern)), f"{pattern} should not be there after the command\n{said}"
     if spec.runs:
         after = summaries(cwd)
         written = {d: s for d, s in after.items() if before.get(d) != s or d not in before}
