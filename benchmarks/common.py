@@ -136,3 +136,19 @@ def lightning_rate(L, module, loader, device: torch.device, steps: int, warmup: 
                         callbacks=[Clock()], max_epochs=-1)
     trainer.fit(module, loader)
     return steps / (times[1] - times[0])
+
+
+def captured(call):
+    """``call`` captured in a CUDA graph after three warm-up calls on a side stream; the replay."""
+    import torch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    return graph.replay

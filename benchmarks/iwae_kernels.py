@@ -37,7 +37,7 @@ if "--smoke" in sys.argv:  # Triton picks interpreted or compiled kernels as the
 
 import torch
 
-from common import ROOT, run_runner, steady_rate, sync
+from common import ROOT, captured, run_runner, steady_rate, sync
 from fused import job_rates
 
 BATCH, K, JOBS, PIXELS, HIDDEN = 20, 50, 6, 784, 200
@@ -64,18 +64,7 @@ def forward_backward(fn, args):
 def time_call(call, device: torch.device, windows: int, per_window: int) -> float:
     """µs per call: captured in a CUDA graph and replayed (on a GPU), the median of ``windows``
     timed windows of ``per_window`` calls after warm-up."""
-    replay = call
-    if device.type == "cuda":
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                call()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            call()
-        replay = graph.replay
+    replay = captured(call) if device.type == "cuda" else call
     for _ in range(3):
         replay()
     times = []

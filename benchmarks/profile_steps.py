@@ -20,7 +20,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from common import sync
+from common import captured, sync
 
 DEVICE = torch.device("cuda")
 
@@ -52,21 +52,13 @@ def kernel_table(prof: profile, steps: int) -> tuple[int, float, list[tuple[str,
 
 def replay_rate(step, steps: int) -> float:
     """Steps/s of ``step`` captured once and replayed back to back."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    replay = captured(step)
     for _ in range(20):
-        graph.replay()
+        replay()
     sync(DEVICE)
     start = time.perf_counter()
     for _ in range(steps):
-        graph.replay()
+        replay()
     sync(DEVICE)
     return steps / (time.perf_counter() - start)
 

@@ -34,11 +34,11 @@ if part profile_fused; then for opt in "" --compile-optimizer; do
 if part fused_charlm; then python benchmarks/fused.py --family charlm --steps 4000 --out "$OUT/fused_charlm.json" \
     > "$OUT/fused_charlm.log" 2>&1; show "$OUT/fused_charlm.log" 10; fi
 # Issue 28 item 1: model.fused_output (the decoder's output layer and Bernoulli log-likelihood as one
-# Triton op) on the GPU. kernels_tests: its tests (test_vae_kernels.py on CUDA tensors, the GPU ones);
+# Triton op) on the GPU. kernels_tests: its tests (tests/vae_kernels_cases.py on CUDA tensors, the GPU ones);
 # kernels: the op alone, the single iwae_paper path and six fused jobs, flag off and on;
 # kernels_tune: the op alone over other tile choices.
 if part kernels_tests; then python -m pytest -q -p no:cacheprovider --tb=short -m "slow or not slow" \
-    -k "vae_kernels or fused_output" tests/test_vae_kernels.py tests/test_gpu.py > "$OUT/kernels_tests.log" 2>&1
+    -k "vae_kernels or fused_output" tests/vae_kernels_cases.py tests/test_gpu.py > "$OUT/kernels_tests.log" 2>&1
   grep -E "passed|failed|Error|Mismatch|Greatest|^E " "$OUT/kernels_tests.log" | head -20; fi
 if part kernels; then python benchmarks/iwae_kernels.py --out "$OUT/kernels.json" > "$OUT/kernels.log" 2>&1
   show "$OUT/kernels.log" 13; fi

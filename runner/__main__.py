@@ -16,9 +16,11 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from runner.config.compose import CONF_DIR, register_configs, register_resolvers
+from runner.config.paths import config_dir_argv, load_dotenv
 from runner.report.sweep import write_summary_csv
-from runner.errors import (EXIT_FAILED, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USER_ERROR, JobFailed, SweepInterrupted,
-                           UserError)
+from runner.engine import slurm
+from runner.errors import (EXIT_FAILED, EXIT_SIGINT, EXIT_USER_ERROR, JobFailed, SweepInterrupted, UserError,
+                           interrupted_codes)
 
 
 def sweep_resumed(argv: list[str]) -> list[str]:
@@ -58,18 +60,26 @@ def main() -> None:
         started.append(True)
         hydra_cfg = HydraConfig.get()
         run_dir = Path(hydra_cfg.runtime.output_dir)
-        if hydra_cfg.mode == RunMode.MULTIRUN and continued_in_sweep(cfg, run_dir):
-            return monitored_value(run_dir, cfg.trainer.monitor)  # completed before: kept as it is
         single = hydra_cfg.mode == RunMode.RUN
         try:
+            # A submitit job runs this function without main(): SLURM's task variables as RANK etc.
+            slurm.export_distributed_env()
+            # A sweep replayed into its folder, or a requeued SLURM job back in the folder it claimed
+            # (runner/engine/slurm.py): a job that ran there is kept, or continued from its checkpoint.
+            if (not single or slurm.restart_count() > 0) and continued_in_sweep(cfg, run_dir):
+                return monitored_value(run_dir, cfg.trainer.monitor)  # completed before: kept as it is
             code, _ = run_job(cfg, run_dir, dict(hydra_cfg.runtime.choices), list(hydra_cfg.overrides.task),
                            None if single else hydra_cfg.sweep.dir, single=single)
         except UserError as e:  # found before the run started: one line, no run folder content
             print(f"error: {e}", file=sys.stderr)
             code = EXIT_USER_ERROR
+        if code in interrupted_codes() and slurm.requeue(code, run_dir):
+            # SLURM's warning before the time limit: checkpointed and requeued; the requeued job
+            # continues here. The first task exits with the code; the others quietly (rank 0 requeued).
+            sys.exit(code if slurm.process_rank() == 0 else 0)
         if single and code != 0:
             sys.exit(code)
-        if code in (EXIT_SIGINT, EXIT_SIGTERM):
+        if code in interrupted_codes():
             write_summary_csv(Path(hydra_cfg.sweep.dir))  # the jobs that ran, this one interrupted
             raise SweepInterrupted(code)
         if code != 0:
@@ -77,7 +87,9 @@ def main() -> None:
         return monitored_value(run_dir, cfg.trainer.monitor)
 
     try:
-        sys.argv = sweep_resumed(sys.argv)
+        load_dotenv()  # the launch folder's .env (RUNNER_DATA_DIR=...), before anything reads the environment
+        slurm.export_distributed_env()  # srun's tasks as torchrun's RANK etc., before the run folder is chosen
+        sys.argv = config_dir_argv(sweep_resumed(sys.argv))  # $RUNNER_CONFIG_DIR as --config-dir
         task()
     except KeyboardInterrupt:
         sys.exit(EXIT_SIGINT)

@@ -16,6 +16,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
 from runner.config.compose import compose_job
+from runner.config.paths import load_dotenv
+from runner.engine.slurm import export_distributed_env
 from runner.errors import EXIT_USER_ERROR, UserError
 
 
@@ -39,6 +41,8 @@ def logging_to(path: Path) -> Iterator[None]:
 def run(overrides: Sequence[str] = (), config_dir: str | None = None) -> dict[str, Any]:
     from runner.job import run_job
 
+    load_dotenv()  # the launch folder's .env, as on the command line (never over a variable already set)
+    export_distributed_env()  # srun's tasks as RANK etc. (runner/engine/slurm.py), as on the command line
     cfg = compose_job(overrides, config_dir)
     HydraConfig.instance().set_config(cfg)  # ${hydra:...} in the config (the run's name) resolves
     run_dir = Path(cfg.hydra.run.dir)  # claims a new run folder (or names the resumed one)

@@ -1,6 +1,8 @@
 """Exceptions that end a run, and the exit code each one means.
 
-0 completed; 1 failed at run time; 2 bad config or bad input; 130 / 143 interrupted by SIGINT / SIGTERM.
+0 completed; 1 failed at run time; 2 bad config or bad input; 130 / 143 interrupted by SIGINT / SIGTERM;
+140 stopped by SIGUSR2, SLURM's warning before a time limit (checkpointed, and requeued where the job
+can be: runner/engine/slurm.py). In general an interrupted run exits 128 + the signal's number.
 """
 from __future__ import annotations
 
@@ -11,6 +13,14 @@ EXIT_FAILED = 1
 EXIT_USER_ERROR = 2
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
+EXIT_SIGUSR2 = 128 + signal.SIGUSR2  # 140 on Linux
+
+
+def interrupted_codes() -> tuple[int, ...]:
+    """The exit codes of a run stopped by a signal it checkpointed on (SignalFlag's signals)."""
+    from runner.engine.slurm import requeue_signals
+
+    return (EXIT_SIGINT, EXIT_SIGTERM, *(128 + s for s in requeue_signals()))
 
 
 class UserError(Exception):
@@ -36,7 +46,7 @@ class Interrupted(Exception):
 
     @property
     def exit_code(self) -> int:
-        return EXIT_SIGINT if self.signum == signal.SIGINT else EXIT_SIGTERM
+        return 128 + int(self.signum)  # 130 SIGINT, 143 SIGTERM, 140 SIGUSR2
 
 
 class NonFiniteLoss(RuntimeError):

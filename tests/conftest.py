@@ -83,6 +83,19 @@ def run_in_process(tmp_path: Path, *overrides: str) -> tuple[int, Path]:
     return summary["exit_code"], run_dir
 
 
+def rejected(tmp_path: Path, *overrides: str) -> tuple[int, str]:
+    """Run a job that should be refused through ``runner.run``; (exit code, the one-line error).
+    A run rejected before it trained leaves no folder: the error comes from the returned summary."""
+    from runner import run
+    from runner.errors import UserError
+
+    try:
+        result = run([*overrides, f"hydra.run.dir={tmp_path / 'run'}"])
+    except UserError as e:
+        return 2, str(e)
+    return result["exit_code"], result.get("error") or ""
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None):
     """`python -m runner <args>` in a subprocess; returns the CompletedProcess."""
     import subprocess

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -43,7 +44,9 @@ def test_presets_compose_with_char_rnn_defaults():
     assert cfg["optim"]["_target_"] == "torch.optim.Adam" and cfg["optim"]["lr"] == 2e-3
     assert (trainer["gradient_clip_val"], trainer["monitor"], trainer["monitor_mode"]) == (5, "val/bpc", "min")
     shakespeare = _plain("experiment=char_lstm_shakespeare", "trainer.batch_size=32")
-    assert shakespeare["dataset"]["path"] == "data/tinyshakespeare/input.txt"
+    # under paths.data_dir: data/ in the launch folder unless RUNNER_DATA_DIR says otherwise
+    data_dir = os.path.join(os.getcwd(), os.path.expanduser(os.environ.get("RUNNER_DATA_DIR", "data")))
+    assert shakespeare["dataset"]["path"] == os.path.normpath(os.path.join(data_dir, "tinyshakespeare", "input.txt"))
     assert shakespeare["dataset"]["batch_size"] == 32  # interpolated from the trainer
     assert _plain("experiment=char_lstm", "dataset=text", "dataset.path=/x.txt")["dataset"]["path"] == "/x.txt"
 

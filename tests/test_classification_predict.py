@@ -13,7 +13,7 @@ import torch
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as F
 
-from conftest import only_run_folder, run_cli, run_in_process
+from conftest import only_run_folder, rejected, run_cli, run_in_process
 from test_classification_data import write_image_folder
 from test_multilabel_data import jpeg_and_png_folder
 
@@ -120,9 +120,8 @@ def test_multilabel_predictions_on_unlabelled_images_and_its_checkpoint_refused_
     # The same architecture with a head of the same size: the weights fit, the family does not.
     data, new, _ = trained
     same_network = ("model=torchvision", "model.name=mobilenet_v3_small")
-    code, run_dir = run_in_process(tmp_path / "cross", *settings(data, "device=cpu", "mode=predict", f"ckpt_path={ckpt}",
-                                                                 model=same_network))
-    error = summary(run_dir)["error"]
+    code, error = rejected(tmp_path / "cross", *settings(data, "device=cpu", "mode=predict", f"ckpt_path={ckpt}",
+                                                         model=same_network))
     assert code == 2 and "the checkpoint was not trained by the classification family" in error and "\n" not in error
 
 
@@ -133,17 +132,15 @@ def test_other_classes_and_an_unreadable_image_exit_2_naming_them(tmp_path, trai
         (other / "train" / colour).mkdir(parents=True)
         for i in range(2):
             shutil.copy(data / "train" / "blue" / f"{i}.png", other / "train" / colour / f"{i}.png")
-    code, run_dir = run_in_process(tmp_path / "classes", *settings(other, "device=cpu", "mode=predict",
-                                                                   f"ckpt_path={ckpt}", "dataset.val_fraction=0.5"))
+    code, error = rejected(tmp_path / "classes", *settings(other, "device=cpu", "mode=predict",
+                                                           f"ckpt_path={ckpt}", "dataset.val_fraction=0.5"))
     assert code == 2
-    assert summary(run_dir)["error"] == ("the checkpoint was trained on the classes blue, green, red; this data has "
-                                         "blue, green, purple")
+    assert error == "the checkpoint was trained on the classes blue, green, red; this data has blue, green, purple"
     broken = tmp_path / "broken"
     shutil.copytree(new, broken)
     (broken / "img3.png").write_bytes(b"\x89PNG not really")
     # Read by a DataLoader worker: the message comes back as the one line it was.
-    code, run_dir = run_in_process(tmp_path / "unreadable", *settings(data, "device=cpu", "mode=predict",
-                                                                      f"ckpt_path={ckpt}", f"dataset.predict={broken}",
-                                                                      "trainer.num_workers=2"))
-    error = summary(run_dir)["error"]
+    code, error = rejected(tmp_path / "unreadable", *settings(data, "device=cpu", "mode=predict",
+                                                              f"ckpt_path={ckpt}", f"dataset.predict={broken}",
+                                                              "trainer.num_workers=2"))
     assert code == 2 and error.startswith(f"cannot read image {broken / 'img3.png'}: ") and "\n" not in error, error

@@ -5,7 +5,7 @@ import json
 import subprocess
 import sys
 
-from conftest import ROOT, run_in_process
+from conftest import ROOT, rejected, run_in_process
 
 TINY = ["dataset.n_train=200", "dataset.n_val=50", "dataset.n_test=40", "loss.eval_k=20",
         "trainer.max_epochs=1", "trainer.batch_size=50", "device=cpu", "trainer.progress=none"]
@@ -36,12 +36,12 @@ def test_iwae_silhouettes_preset_end_to_end(tmp_path):
 
 def test_bad_density_settings_exit_2_naming_the_key(tmp_path):
     # In process (the command line's exit-2 path is tests/test_bad_inputs.py's): the job's code and
-    # the one-line error its summary keeps.
-    code, run_dir = run_in_process(tmp_path / "k", "experiment=iwae_silhouettes", "loss.k=0", *TINY)
-    assert code == 2 and "loss.k" in json.loads((run_dir / "summary.json").read_text())["error"]
-    code, run_dir = run_in_process(tmp_path / "root", "experiment=vae_mnist",
-                                   f"dataset.root={tmp_path / 'no_mnist_here'}", *TINY[4:])
-    assert code == 2 and "dataset.root" in json.loads((run_dir / "summary.json").read_text())["error"]
+    # the one-line error runner.run returns.
+    code, error = rejected(tmp_path / "k", "experiment=iwae_silhouettes", "loss.k=0", *TINY)
+    assert code == 2 and "loss.k" in error
+    code, error = rejected(tmp_path / "root", "experiment=vae_mnist", f"dataset.root={tmp_path / 'no_mnist_here'}",
+                           *TINY[4:])
+    assert code == 2 and "dataset.root" in error
 
 
 def test_iwae_paper_preset_composes_the_papers_settings():

@@ -3,12 +3,14 @@ every sample once; torchrun rendezvous across two "nodes"; a ddp multirun."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
 
 import pytest
 import torch
+from pathlib import Path
 
 from conftest import ROOT, only_run_folder, run_cli, run_in_process
 
@@ -166,3 +168,49 @@ def test_ranks_stop_after_the_same_step_when_one_hears_the_signal(hear_at):
     stopped_at = out[0][0]
     # the ranks vote every few steps (at most 100 apart) and at each epoch end
     assert hear_at < stopped_at <= min(hear_at + 2 * SignalFlag.MAX_STEPS_BETWEEN_VOTES, 250 * (hear_at // 250 + 1))
+
+
+def children_of(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.parametrize("killed", ["rank0", "rank1", "launcher"])
+def test_a_killed_process_of_a_ddp_run_leaves_a_true_summary_and_no_orphans(tmp_path, killed):
+    """SIGKILL of one worker or of the launcher (runner's own spawner) mid-run: the summary ends
+    failed or interrupted, one line says so, and no process of the run is left running."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "runner", *BASE, *DDP2, "trainer.max_epochs=400",
+                             "trainer.batch_size=8", f"output_root={tmp_path}"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(tmp_path.glob("runs/*/checkpoints/last.pt")):
+        time.sleep(0.5)  # until it trains: the first epoch's checkpoint
+    # The workers among the launcher's children (its resource tracker is one too), started in rank order.
+    workers = sorted(w for w in children_of(proc.pid) if b"spawn_main" in Path(f"/proc/{w}/cmdline").read_bytes()
+                     and b"resource_tracker" not in Path(f"/proc/{w}/cmdline").read_bytes())
+    assert len(workers) == 2, workers
+    ranks = dict(enumerate(workers))
+    victim = proc.pid if killed == "launcher" else ranks[int(killed[-1])]
+    os.kill(victim, signal.SIGKILL)
+    out, err = proc.communicate(timeout=300)
+    run = only_run_folder(tmp_path)
+    status = json.loads((run / "summary.json").read_text())["status"]
+    left = [w for w in ranks.values() if Path(f"/proc/{w}").exists() and "Z" not in
+            Path(f"/proc/{w}/stat").read_text().rsplit(")", 1)[1].split()[0]]
+    assert not left, f"processes left running: {left}"
+    if killed == "launcher":
+        assert status == "interrupted", status  # the workers got SIGTERM and checkpointed
+    else:
+        assert proc.returncode == 1 and status == "failed", (proc.returncode, status, err[-2000:])
+        assert len([line for line in (out + err).splitlines() if line.startswith("failed:")]) == 1, out + err

@@ -21,7 +21,7 @@ def test_end_to_end_run_folder(tmp_path):
     result = run_cli(*FAST, f"output_root={tmp_path}", "trainer.val_every_n_steps=8")
     assert result.returncode == 0, result.stderr
     run_dir = only_run_folder(tmp_path)
-    assert run_dir.name.endswith("_regression")
+    assert run_dir.name.endswith("_regression-max_epochs1")  # the preset plus what the overrides change
     for name in (".hydra/config.yaml", ".hydra/overrides.yaml", ".hydra/hydra.yaml", "metrics.jsonl",
                  "summary.json", "checkpoints/last.pt", "checkpoints/best.pt", "run.log"):
         assert (run_dir / name).is_file(), name
@@ -80,8 +80,9 @@ def test_bad_config_exit_code_and_message(tmp_path, override, needle, code):
 
 
 def test_a_compiled_optimizer_with_fp16_loss_scaling_is_refused(tmp_path):
-    code, run_dir = run_in_process(tmp_path, *FAST, "trainer.compile_optimizer=true", "trainer.precision=16")
-    error = json.loads((run_dir / "summary.json").read_text())["error"]
+    from conftest import rejected
+
+    code, error = rejected(tmp_path, *FAST, "trainer.compile_optimizer=true", "trainer.precision=16")
     assert code == 2 and "trainer.compile_optimizer=true does not combine with trainer.precision=16" in error
     assert "\n" not in error
 
@@ -127,8 +128,9 @@ def test_runs_started_in_the_same_second_get_distinct_folders(tmp_path):
 def test_last_checkpoint_every_n_epochs_and_always_at_the_end(tmp_path, monkeypatch, every, epochs):
     from runner.engine.loop import Trainer
 
-    written, save = [], Trainer.save
-    monkeypatch.setattr(Trainer, "save", lambda self, name: (written.append((name, self.state.epoch)), save(self, name)))
+    written, save = [], Trainer.save_checkpoint
+    monkeypatch.setattr(Trainer, "save_checkpoint",
+                        lambda self, name: (written.append((name, self.state.epoch)), save(self, name))[1])
     code, run_dir = run_in_process(tmp_path, *FAST, "trainer.max_epochs=5", f"trainer.ckpt_every_n_epochs={every}",
                                    "trainer.save_top_k=0")
     assert code == 0

@@ -311,3 +311,47 @@ def test_fused_output_trains_like_the_eager_model_alone_and_in_a_fused_group(tmp
     (sweep,) = (tmp_path / "fused" / "multirun").iterdir()
     assert "Triton kernels on the GPU, 2 job(s) per launch" in (sweep / "0" / "run.log").read_text()
     assert relative_weight_difference(sweep / "0", eager) <= 1e-4  # IWAE_CAPTURED runs seed 0 by default
+
+
+def test_group_signals_at_random_moments_always_leave_a_true_summary(tmp_path):
+    """SIGTERM to the whole process group (as timeout, a terminal's Ctrl-C and SLURM send it; the
+    group holds torch.compile's workers too) at random moments of an iwae_paper-like run with
+    compile, captured steps and epoch-end checkpoints: every time the run ends interrupted (or
+    completed), summary.json says so, never 'running', and a run that trained has its last.pt.
+    RUNNER_STRESS_SIGNALS sets how many (20 by default); the seed of each moment is printed."""
+    import os
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    tries = int(os.environ.get("RUNNER_STRESS_SIGNALS", "20"))
+    outcomes = []
+    for seed in range(tries):
+        delay = random.Random(seed).uniform(2.0, 40.0)
+        out = tmp_path / f"try{seed}"
+        proc = subprocess.Popen([sys.executable, "-m", "runner", "experiment=iwae_silhouettes", "device=gpu",
+                                 "trainer.progress=plain", "trainer.cuda_graph=true", "trainer.data_on_device=true",
+                                 "trainer.compile=true", "trainer.compile_optimizer=true", "trainer.precision=tf32",
+                                 "trainer.steps_per_graph=10", "trainer.batch_size=20", "loss.k=50", "loss.eval_k=100",
+                                 "trainer.max_epochs=400", f"output_root={out}"], cwd=ROOT, start_new_session=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        time.sleep(delay)
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            output, _ = proc.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            output, _ = proc.communicate()
+        (run,) = (out / "runs").iterdir() if (out / "runs").is_dir() else (None,)
+        summary = json.loads((run / "summary.json").read_text()) if run and (run / "summary.json").is_file() else {}
+        outcomes.append((seed, round(delay, 1), proc.returncode, summary.get("status"), summary.get("steps"),
+                         bool(run and (run / "checkpoints" / "last.pt").is_file())))
+        print(outcomes[-1], flush=True)
+        assert proc.returncode in (0, 143), (outcomes[-1], output[-3000:])
+        if summary:  # none: the signal came before the run folder had a summary (nothing to be wrong)
+            assert summary["status"] in ("interrupted", "completed"), (outcomes[-1], output[-3000:])
+            assert summary["steps"] == 0 or outcomes[-1][-1], (outcomes[-1], output[-3000:])

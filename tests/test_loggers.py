@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import compose, run_cli, run_in_process
+from conftest import ROOT, compose, run_cli, run_in_process
 from runner.loggers import JobInfo, Logger, RunInfo
 from runner.loggers.csv import CSVLogger
 
@@ -65,18 +65,18 @@ def test_an_unknown_logger_in_a_list_names_the_options():
 
 def test_a_missing_package_exits_2_naming_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "mlflow", None)  # as if not installed
-    code, run_dir = run_in_process(tmp_path, *REGRESSION, "logger=[csv,mlflow]")
-    assert code == 2
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["error"] == "logger=mlflow needs mlflow: pip install 'runner[mlflow]'"
-    assert not (run_dir / "metrics.jsonl").exists()  # stopped before anything ran
+    from conftest import rejected
+
+    code, error = rejected(tmp_path, *REGRESSION, "logger=[csv,mlflow]")
+    assert code == 2 and error == "logger=mlflow needs mlflow: pip install 'runner[mlflow]'"
+    assert not (tmp_path / "run").exists()  # stopped before anything ran: no folder left
 
 
 def test_an_unknown_logger_key_exits_2(tmp_path):
-    code, run_dir = run_in_process(tmp_path, *REGRESSION, "+logger.csv.delimiter=tab")
-    assert code == 2
-    assert "unknown key 'logger.csv.delimiter'; allowed keys of logger.csv: filename" in \
-        json.loads((run_dir / "summary.json").read_text())["error"]
+    from conftest import rejected
+
+    code, error = rejected(tmp_path, *REGRESSION, "+logger.csv.delimiter=tab")
+    assert code == 2 and "unknown key 'logger.csv.delimiter'; allowed keys of logger.csv: filename" in error
 
 
 # --- each logger against its own reader --------------------------------------------------------
@@ -129,12 +129,15 @@ def wandb_run(run_dir: Path) -> dict:
         return {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in updates}
     run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
     summary: dict = {}
+    config = items(run.config.update)
     for record in records:
         if record.WhichOneof("record_type") == "summary":
             summary.update(items(record.summary.update))
+        if record.WhichOneof("record_type") == "config":  # config.update() after init
+            config.update(items(record.config.update))
     return {
         "run": run,
-        "config": items(run.config.update),
+        "config": config,
         "history": [items(r.history.item) for r in records if r.WhichOneof("record_type") == "history"],
         "summary": summary,
         "exit_code": next(r.exit.exit_code for r in records if r.WhichOneof("record_type") == "exit"),
@@ -196,28 +199,62 @@ def test_all_four_loggers_find_the_final_metric(tmp_path):
     assert wb["run"].run_group == "sweep-1" and wb["exit_code"] == 0
     assert wb["config"]["optim"]["_target_"] == "torch.optim.Adam"
     assert wb["config"]["runner"]["overrides"] == ["experiment=regression", "optim=adam"]
+    assert wb["config"]["runner"]["code"]["runner"]["commit"] == git("rev-parse", "HEAD")  # what ran
+    assert wb["config"]["runner"]["parameters"] == summary["parameters"] > 0
     test_rows = [row for row in wb["history"] if "test/loss" in row]
     assert [row["step"] for row in test_rows] == [steps] and test_rows[0]["test/loss"] == pytest.approx(final)
     assert wb["summary"]["test/loss"] == pytest.approx(final) and wb["summary"]["status"] == "completed"
     assert len(wb["media"]) == 1 and wb["media"][0].startswith("curves")
 
 
-def test_sweep_jobs_share_one_mlflow_experiment_and_are_titled_by_their_choices(tmp_path):
+def git(*args: str) -> str:
+    import subprocess
+
+    return subprocess.run(["git", "-C", str(ROOT), *args], check=True, capture_output=True, text=True).stdout.strip()
+
+
+def test_a_seed_sweep_shares_one_mlflow_experiment_with_distinct_names_tags_and_the_commit(tmp_path):
     pytest.importorskip("mlflow")
+    pytest.importorskip("tensorboard")
     from mlflow.tracking import MlflowClient
 
-    result = run_cli("-m", *REGRESSION, "optim=sgd,adam", "logger=[mlflow]", f"output_root={tmp_path}")
+    result = run_cli("-m", *REGRESSION, "trainer.seed=0,1", "tags=[seed_sweep,baseline]", "logger=[mlflow,tensorboard]",
+                     f"output_root={tmp_path}")
     assert result.returncode == 0, result.stderr
-    assert "regression-optim-adam: final metrics" in result.stdout
+    assert "regression-max_epochs1-seed1: final metrics" in result.stdout
     assert "mlflow" not in result.stderr.lower()  # the terminal gets warnings only
     (sweep,) = (tmp_path / "multirun").iterdir()
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     (experiment,) = [e for e in client.search_experiments() if e.name != "Default"]
     runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.sweep = '{sweep}'")
     assert experiment.name == "regression"
-    assert sorted(r.info.run_name for r in runs) == ["regression-optim-adam", "regression-optim-sgd"]
-    assert {r.data.params["optim._target_"] for r in runs} == {"torch.optim.SGD", "torch.optim.Adam"}
+    assert sorted(r.info.run_name for r in runs) == ["regression-max_epochs1-seed0", "regression-max_epochs1-seed1"]
+    assert {r.data.params["trainer.seed"] for r in runs} == {"0", "1"}
     assert [a.path for a in client.list_artifacts(runs[0].info.run_id, ".hydra")] == [".hydra/config.yaml"]
+    # the config's tags, and the code that ran, as git itself reads this checkout
+    commit, dirty = git("rev-parse", "HEAD"), str(bool(git("status", "--porcelain", "--untracked-files=no"))).lower()
+    tagged = client.search_runs([experiment.experiment_id], filter_string="tags.seed_sweep = 'true'")
+    assert len(tagged) == 2
+    for run in runs:
+        tags = run.data.tags
+        assert tags["tags"] == "seed_sweep, baseline" and tags["baseline"] == "true"
+        assert tags["git.runner.commit"] == commit and tags["git.runner.dirty"] == dirty
+        assert tags["mlflow.source.git.commit"] == commit  # the launch folder is this checkout too
+        assert tags["version.torch"] == __import__("torch").__version__ and tags["gpu"] == "None"
+        job_dir = Path(tags["run_dir"])
+        weights = __import__("torch").load(job_dir / "checkpoints" / "last.pt", weights_only=True)["model"]
+        assert tags["parameters"] == str(sum(t.numel() for t in weights.values()))
+        tb = tensorboard_text(job_dir / "tensorboard")
+        assert tb["tags"] == "seed_sweep, baseline" and f"| git.runner.commit | {commit} |" in tb["identity"]
+
+
+def tensorboard_text(log_dir: Path) -> dict:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir), size_guidance={"tensors": 0})
+    events.Reload()
+    return {tag.removesuffix("/text_summary"): events.Tensors(tag)[-1].tensor_proto.string_val[0].decode()
+            for tag in events.Tags()["tensors"] if tag.endswith("/text_summary")}
 
 
 def test_mlflow_and_wandb_continue_their_run_on_resume(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import ROOT, compose, only_run_folder, run_cli, run_in_process
+from conftest import ROOT, compose, only_run_folder, rejected, run_cli, run_in_process
 from runner.config import compat
 from runner.config.build import checked_kwargs
 from runner.errors import UserError
@@ -196,11 +196,9 @@ def test_a_tensor_lr_is_filled_in_place():
     (("dataset=silhouettes",), "model=densenet121 does not fit the density family"),
 ])
 def test_incompatible_pairs_exit_2_before_anything_runs(tmp_path, overrides, needle):
-    code, run_dir = run_in_process(tmp_path, *overrides, "trainer.progress=none", "device=cpu")
-    assert code == 2
-    s = summary(run_dir)
-    assert s["status"] == "failed" and needle in s["error"] and "\n" not in s["error"], s["error"]
-    assert not (run_dir / "checkpoints").exists()
+    code, error = rejected(tmp_path, *overrides, "trainer.progress=none", "device=cpu")
+    assert code == 2 and needle in error and "\n" not in error, error
+    assert not (tmp_path / "run").exists()  # a run rejected before it trained leaves no folder
 
 
 def test_incompatible_pair_on_the_command_line_is_one_line(tmp_path):

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import run_in_process
+from conftest import rejected, run_in_process
 from runner.report import plots
 from runner.report.table import main as report_main
 from test_report import make_sweep
@@ -57,11 +57,10 @@ def one_thread():
 
 @pytest.fixture
 def no_matplotlib(monkeypatch):
-    """matplotlib unimportable (also its already-imported submodules), and the warn-once flag reset."""
+    """matplotlib unimportable (also its already-imported submodules)."""
     for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
         monkeypatch.setitem(sys.modules, name, None)
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    monkeypatch.setattr(plots, "_warned_no_matplotlib", False)
 
 
 def test_tensorboard_holds_the_logged_scalars_and_curves_are_drawn(tmp_path):
@@ -110,14 +109,14 @@ def test_report_writes_one_bar_chart_per_metric(tmp_path):
     assert plots.metric_filename("test/mAP") == "report_test_mAP.png"
 
 
-def test_run_without_matplotlib_completes_and_warns_once(tmp_path, caplog, no_matplotlib):
-    with caplog.at_level(logging.WARNING, logger="runner"):
-        code, run_dir = run_in_process(tmp_path, *REGRESSION)
-        assert plots.plot_curves(run_dir / "metrics.jsonl", tmp_path / "again.png") is None
+def test_run_without_matplotlib_completes_and_warns_once(tmp_path, recwarn, no_matplotlib):
+    code, run_dir = run_in_process(tmp_path, *REGRESSION)
+    assert plots.plot_curves(run_dir / "metrics.jsonl", tmp_path / "again.png") is None
     assert code == 0
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
     assert not (run_dir / "plots" / "curves.png").exists()
-    assert len(warnings_about(caplog, "matplotlib is not installed: no plots")) == 1
+    said = [w for w in recwarn if "matplotlib is not installed: no plots" in str(w.message)]
+    assert len(said) == 1, [str(w.message) for w in recwarn]
 
 
 def test_a_failing_plot_does_not_fail_the_run(tmp_path, caplog, monkeypatch):
@@ -134,11 +133,9 @@ def test_a_failing_plot_does_not_fail_the_run(tmp_path, caplog, monkeypatch):
 
 def test_tensorboard_absent_exits_2_naming_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorboard", None)  # as if not installed
-    code, run_dir = run_in_process(tmp_path, *REGRESSION, "logger=tensorboard")
-    assert code == 2
-    error = json.loads((run_dir / "summary.json").read_text())["error"]
-    assert error == "logger=tensorboard needs tensorboard: pip install 'runner[tensorboard]'"
-    assert not (run_dir / "tensorboard").exists() and not (run_dir / "metrics.jsonl").exists()
+    code, error = rejected(tmp_path, *REGRESSION, "logger=tensorboard")
+    assert code == 2 and error == "logger=tensorboard needs tensorboard: pip install 'runner[tensorboard]'"
+    assert not (tmp_path / "run").exists()  # rejected before it trained: no folder, no tensorboard/ in it
 
 
 def test_a_resumed_run_shows_each_step_once(tmp_path):

@@ -98,8 +98,11 @@ def test_the_line_fits_80_columns_counts_whole_numbers_and_ctrl_c_leaves_it_once
     bars = [(f, FRAME.search(f)) for f in frames if FRAME.search(f)]
     assert len(bars) >= 3, output[-2000:]
     assert all(len(f) <= 78 for f, _ in bars), max((f for f, _ in bars), key=len)  # 80 columns, two left for the echoed ^C
-    # Other lines wrap at 80, but the run folder's path, printed whole so that it can be copied.
-    assert all(len(f) <= 80 for f in frames if not f.startswith("run folder: ")), max(frames, key=len)
+    # Other lines wrap at 80, but those that end with the run folder's path, printed whole so that
+    # it can be copied: "run folder: <path>" and the interruption's "... continue with resume=<path>".
+    whole_path = [f for f in frames if f.startswith("run folder: ") or "continue with resume=" in f]
+    assert all(f.endswith(str(tmp_path)) or str(tmp_path) in f for f in whole_path)
+    assert all(len(f) <= 80 for f in frames if f not in whole_path), max(frames, key=len)
     assert "…" not in output
     assert {int(m.group(2)) for _, m in bars} == {TOTAL}  # the total whole in every frame
     losses = [m.group(3) for _, m in bars]

@@ -75,6 +75,7 @@ class Run:
     absent: tuple[str, ...] = ()  # ... and that must not
     stdout: str | None = None  # text the command must print
     log: str | None = None  # text one of the run.log files it wrote must hold
+    summary: tuple[tuple[str, object], ...] = ()  # (key, value) pairs every summary.json it wrote must hold
     runs: bool = True  # it trains or evaluates: every summary.json it leaves says completed
 
 
@@ -96,6 +97,8 @@ class Skip:
     why: str
 
 
+SLURM = ("needs a SLURM cluster; tests/test_slurm.py (SLURM's task variables as the process group) and "
+         "tests/test_requeue.py (checkpoint and requeue on SIGUSR2) cover what runner does there")
 INSTALLS = "pip install: tests/test_install.py builds the wheel, installs it in a fresh venv and runs it"
 COMMANDS: dict[str, Run | Fails | Compose | Skip] = {
     # Quick start
@@ -103,7 +106,8 @@ COMMANDS: dict[str, Run | Fails | Compose | Skip] = {
         INSTALLS + "; `python -m runner` itself runs below"),
     "pip install torch==2.14.1 torchvision==0.29.1 && pip install -e '.[test]' && python -m pytest -q": Skip(
         INSTALLS + "; the pytest command is this suite"),
-    "python -m runner": Run(SHAPES, files=tuple(f"outputs/runs/*_focal_densenet/{f}" for f in (  # README: what a run leaves
+    # the smoke overrides go into the title (focal_densenet-max_epochs1-...): what a run leaves behind
+    "python -m runner": Run(SHAPES, files=tuple(f"outputs/runs/*_focal_densenet*/{f}" for f in (
         ".hydra/config.yaml", "run.log", "metrics.jsonl", "metrics.csv", "checkpoints/last.pt", "checkpoints/best.pt",
         "plots/curves.png", "plots/pr_curves.png", "per_class.csv"))),
     "python -m runner experiment=classify": Run(PATTERNS),
@@ -160,6 +164,9 @@ COMMANDS: dict[str, Run | Fails | Compose | Skip] = {
     "python -m runner experiment=regression debug=anomaly": Run(),
     # Speed
     "python -m runner experiment=regression": Run(),
+    # What a run leaves behind: titles, tags
+    "python -m runner experiment=regression optim.lr=0.01 'tags=[baseline]'": Run(
+        files=("outputs/runs/*_regression-lr0.01/summary.json",), summary=(("tags", ["baseline"]),)),
     # Resume and fine-tuning
     "python -m runner resume=outputs/runs/<run> trainer.max_epochs=4": Run(base="regression"),
     "python -m runner resume=outputs/runs/<run> trainer.max_epochs=4 optim.lr=0.5": Fails(
@@ -183,11 +190,20 @@ COMMANDS: dict[str, Run | Fails | Compose | Skip] = {
     "python -m runner experiment=regression device=ddp device.devices=2 device.backend=gloo": Run(),
     "torchrun --nnodes=2 --nproc-per-node=8 --rdzv-backend=c10d --rdzv-endpoint=node0:29500 --rdzv-id=exp1 "
     "-m runner device=ddp experiment=focal_densenet": Skip("several machines with 8 GPUs each (torchrun, multi-node)"),
+    # On a cluster (SLURM)
+    "python -m runner -m hydra/launcher=slurm_gpu hydra.launcher.partition=gpu loss=bce,focal trainer.seed=0,1,2": Skip(
+        SLURM + " (submitit submits each job with sbatch)"),
+    "python -m runner -m hydra/launcher=slurm_node device=ddp experiment=focal_densenet trainer.seed=0,1,2": Skip(
+        SLURM + " with 8-GPU nodes (submitit submits each job with sbatch)"),
+    "srun python -m runner device=ddp experiment=focal_densenet": Skip(
+        SLURM + ": srun inside an sbatch job of 2 nodes with 8 GPUs each"),
     # Bad input
     "python -m runner.report <folder>": Fails("is neither a sweep folder"),
     # Troubleshooting
     "OMP_WAIT_POLICY=PASSIVE python -m runner": Run(QUICK),
     "python -m runner model.weights=DEFAULT": Fails("is not in the local cache", unless=DENSENET_WEIGHTS),
+    # Coming from lightning-hydra-template
+    "python -m runner experiment=X": Skip("X stands for any preset; the presets' own commands run under The families"),
 }
 
 # The sweep the report commands read: the README's sweep command ("loss" swept, test/mAP) in its smoke
@@ -483,6 +499,9 @@ def test_readme_command(command, place, request):
         if command.text == base_command and spec.smoke == smoke and name not in place.made:
             kind = "multirun" if "-m" in shlex.split(base_command)[3:] else "runs"
             (place.made[name],) = (cwd / "outputs" / kind).iterdir()  # what a later command's <sweep> stands for
+    for key, value in spec.summary:
+        for folder, summary in summaries(cwd).items():
+            assert summary.get(key) == value, f"{folder}/summary.json: {key}={summary.get(key)!r}, not {value!r}\n{said}"
     for pattern in spec.absent:
         assert not list(cwd.glob(pattern)), f"{pattern} should not be there after the command\n{said}"
     if spec.runs:

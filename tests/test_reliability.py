@@ -44,7 +44,7 @@ def test_a_write_killed_midway_leaves_the_old_file(tmp_path, monkeypatch):
         f.write(b'{"status": "compl')  # half of the new file, then the process "dies"
         raise KeyboardInterrupt
 
-    from runner import files
+    from runner.runs import files
     with pytest.raises(KeyboardInterrupt):
         files.atomic_write(path, torn)
     assert json.loads(path.read_text()) == {"status": "running"}
@@ -63,10 +63,11 @@ def test_out_of_memory_message_suggests_accumulation():
 def test_cuda_graph_without_a_gpu_is_a_user_error(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    code, run_dir = run_in_process(tmp_path, "experiment=regression", "trainer.progress=none", "device=cpu",
-                                   "trainer.cuda_graph=true")
-    assert code == 2
-    assert "needs a CUDA device" in json.loads((run_dir / "summary.json").read_text())["error"]
+    from conftest import rejected
+
+    code, error = rejected(tmp_path, "experiment=regression", "trainer.progress=none", "device=cpu",
+                           "trainer.cuda_graph=true")
+    assert code == 2 and "needs a CUDA device" in error
 
 
 def test_first_sigint_asks_to_stop_and_a_second_exits_at_once():

@@ -156,7 +156,9 @@ def test_search_records_a_diverging_trial_as_failed_and_writes_the_best(tmp_path
     assert OmegaConf.load(sweep / "best.yaml") == OmegaConf.load(Path(lowest[1]) / ".hydra" / "config.yaml")
     again = run(shlex.split(best["best"]["command"])[3:])  # "python -m runner ...": the best run again, one run
     assert again["status"] == "completed" and again["metrics"]["val/loss"] == pytest.approx(best["best"]["value"])
-    assert Path(again["run_dir"]).name.endswith("_regression")  # the preset is not part of the run's title
+    # Titled by the experiment and the trial's own overrides; the search preset is not part of it.
+    title = Path(again["run_dir"]).name.split("_", 2)[2]
+    assert title == "-".join(["regression", *(k.split(".")[-1] + v for k, v in (o.split("=", 1) for o in best["best"]["params_overrides"]))]), title
     assert report([str(sweep)]) == 0
     shown = " ".join(report_output(sweep).split())
     assert f"best trial {best['best']['trial']}:" in shown and " ".join(best["best"]["params_overrides"]) in shown

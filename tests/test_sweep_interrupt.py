@@ -39,7 +39,7 @@ def test_ctrl_c_stops_the_sweep_and_resume_finishes_it(tmp_path):
     assert refused.returncode == 2 and refused.stderr.strip().splitlines() == [
         "error: resume= cannot change optim.lr (that would be another run); a resumed run takes only: "
         "trainer.max_epochs, trainer.max_steps, trainer.log_every_n_steps, trainer.val_every_n_steps, "
-        "trainer.ckpt_every_n_steps, trainer.ckpt_every_n_epochs, trainer.progress, trainer.num_workers, trainer.eval_batch_size, device, logger"]
+        "trainer.ckpt_every_n_steps, trainer.ckpt_every_n_epochs, trainer.progress, trainer.num_workers, trainer.eval_batch_size, device, logger, callbacks"]
     stopped_at = json.loads((sweep / "1" / "summary.json").read_text())["steps"]
     saved = (sweep / "1" / ".hydra" / "config.yaml").read_bytes()
     resumed = run_cli(f"resume={sweep}", "trainer.log_every_n_steps=7")  # a setting that may change mid-run

@@ -65,7 +65,7 @@ class FusedLauncher(Launcher):
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from runner.engine.fused import fusion_groups, run_group
-        from runner.errors import EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM, JobFailed, SweepInterrupted
+        from runner.errors import EXIT_OK, JobFailed, SweepInterrupted, interrupted_codes
         from runner.runs.files import hold_folder
         from runner.job import Job, monitored_value, run_prepared
         from runner.report.sweep import write_summary_csv
@@ -102,7 +102,7 @@ class FusedLauncher(Launcher):
                         group_codes = run_group([(j.config, j.run_dir, j.choices, j.info) for _, j in members])
             codes.update({i: code for (i, _), code in zip(members, group_codes)})
             write_summary_csv(sweep_dir)  # after each group, as the basic launcher after each job
-            interrupted = next((c for c in group_codes if c in (EXIT_SIGINT, EXIT_SIGTERM)), None)
+            interrupted = next((c for c in group_codes if c in interrupted_codes()), None)
             if interrupted:
                 break  # no further job starts; resume=<sweep folder> finishes the sweep
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)

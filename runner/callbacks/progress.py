@@ -46,15 +46,15 @@ class ProgressBar(Callback):
             self.display.message(text)
 
     def on_fit_end(self, trainer: Any) -> None:
-        self.jobs -= 1
+        self.jobs -= 1  # in a fused group the others may go on: the display closes with the last
         if self.jobs == 0:
             self.close()
 
-    def on_interrupt(self, trainer: Any, signum: int) -> None:
-        self.close()
-
     def on_exception(self, trainer: Any, error: BaseException) -> None:
-        self.close()
+        self.on_fit_end(trainer)  # this job's training is over
+
+    def on_interrupt(self, trainer: Any, signum: int) -> None:
+        self.close()  # every job stops
 
     def close(self) -> None:
         if self.display is not None:

@@ -2,6 +2,7 @@
 configs (runner/conf/, package data: a wheel carries them) and a user's ``--config-dir``."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -33,6 +34,7 @@ def on_one_gpu(strategy: Any, yes: Any = True, no: Any = False) -> Any:
 
 
 def register_resolvers() -> None:
+    from runner.config.paths import launch_path
     from runner.runs.folders import checked_root, claim_unique_dir, hydra_subdir, run_folder
     from runner.runs.names import title_resolver
 
@@ -44,6 +46,7 @@ def register_resolvers() -> None:
     OmegaConf.register_new_resolver("checked_root", checked_root, replace=True)
     OmegaConf.register_new_resolver("on_one_gpu", on_one_gpu, replace=True)
     OmegaConf.register_new_resolver("run_title", title_resolver, replace=True)
+    OmegaConf.register_new_resolver("launch_path", launch_path, replace=True)  # paths.data_dir from the launch folder
 
 
 def compose_job(overrides: Sequence[str], config_dir: str | None = None) -> Any:
@@ -56,6 +59,7 @@ def compose_job(overrides: Sequence[str], config_dir: str | None = None) -> Any:
 
     register_configs()
     register_resolvers()
+    config_dir = config_dir or os.environ.get("RUNNER_CONFIG_DIR")  # your configs (and local/default.yaml)
     search = [f"hydra.searchpath=[file://{Path(config_dir).resolve()}]"] if config_dir else []
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):

@@ -31,6 +31,9 @@ def check(config: Config, choices: dict[str, str]) -> None:
     check_numbers(config.device, "device")
     check_trainer(config)
     check_modes(config)
+    check_launch(config)
+    check_tags(config)
+    warn_fine_tune_of_last(config)
     if config.device.sync_batchnorm and not (config.device.strategy == Strategy.ddp and config.device.backend == "nccl"):
         raise UserError("device.sync_batchnorm=true synchronises BatchNorm across GPU processes: it needs device=ddp "
                         "with device.backend=nccl")
@@ -55,6 +58,40 @@ def check_numbers(settings: Any, prefix: str) -> None:
             check_numbers(value, key)
         elif number_problem(value):
             raise UserError(f"{key}={value} {number_problem(value)}")
+
+
+def check_launch(config: Config) -> None:
+    """Several processes started by torchrun or srun are one run only under device=ddp: with any
+    other strategy each would train alone (and all but rank 0 would write nothing)."""
+    from runner.engine.slurm import world_size
+
+    world = world_size()
+    if world > 1 and config.device.strategy != Strategy.ddp:
+        raise UserError(f"{world} processes were started for this run (torchrun, or srun's tasks: SLURM_NTASKS) but "
+                        f"device={config.device.strategy.value} runs one: use device=ddp, or start one task "
+                        "(hydra.launcher.tasks_per_node=1)")
+
+
+def warn_fine_tune_of_last(config: Config) -> None:
+    """lightning-hydra-template's ``ckpt_path=<run>/checkpoints/last.ckpt`` resumes that run; runner's
+    ``ckpt_path`` starts a new run from the weights. Said once where the checkpoint is a run's last.pt."""
+    import logging
+
+    from runner.engine.slurm import process_rank
+
+    path = Path(str(config.ckpt_path)) if config.ckpt_path else None
+    if (config.mode == Mode.train and path is not None and path.name == "last.pt" and path.parent.name == "checkpoints"
+            and (path.parent.parent / ".hydra" / "config.yaml").is_file() and process_rank() == 0):
+        logging.getLogger("runner").warning(
+            "ckpt_path=%s starts a new run from those weights (fresh optimizer, schedule and step count: "
+            "fine-tuning); to continue that run in its folder use resume=%s", path, path.parent.parent)
+
+
+def check_tags(config: Config) -> None:
+    """Top-level ``tags`` go to every tracker: W&B takes tags of 1-64 characters."""
+    for i, tag in enumerate(config.tags):
+        if not str(tag).strip() or len(str(tag)) > 64:
+            raise UserError(f"tags[{i}]={tag!r}: a tag is 1 to 64 characters (tags=[seed_sweep,baseline])")
 
 
 def check_trainer(config: Config) -> None:

@@ -109,6 +109,17 @@ class DeviceConfig:
 
 
 @dataclass
+class PathsConfig:
+    """Where things are: group ``paths`` (runner/conf/paths/default.yaml), as lightning-hydra-template
+    names them. ``data_dir`` holds the shipped datasets' files (their ``root`` / ``path`` is
+    ``${paths.data_dir}/<name>``); ``output_dir`` is where run folders go (``output_root`` follows it)."""
+
+    root_dir: str = "."  # the launch folder
+    data_dir: str = "data"  # default: $RUNNER_DATA_DIR, else data/ in the launch folder
+    output_dir: str = "outputs"  # default: $RUNNER_OUTPUT_DIR, else outputs/ (relative: to the launch folder)
+
+
+@dataclass
 class Config:
     """The whole run. dataset, model, loss, optim and schedule are ``_target_`` nodes, typed by
     their target's signature (runner/build.py) instead of a dataclass."""
@@ -125,7 +136,9 @@ class Config:
     ckpt_path: Optional[str] = None  # mode=eval: the checkpoint to evaluate; mode=train: weights to start from
     ckpt_strict: bool = True  # mode=train ckpt_path=...: false loads the tensors whose names and shapes fit
     resume: Optional[str] = None  # a run folder to continue in place
-    output_root: str = "outputs"
+    output_root: str = "outputs"  # ${paths.output_dir} in config.yaml: either key moves the run folders
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    tags: list[str] = field(default_factory=list)  # every tracker gets them (MLflow, W&B, TensorBoard), and summary.json
     logger: Any = field(default_factory=dict)  # {name: _target_ node}: the selected loggers (runner/loggers/)
     debug: Optional[str] = None  # set by the debug group's options: the run is a debug run (summary.json says so)
     callbacks: Any = field(default_factory=dict)  # {name: _target_ node}: the run's callbacks (runner/callbacks/)

@@ -7,7 +7,6 @@ reductions are identities, so the same code path serves every strategy.
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -15,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from runner.engine.slurm import export_distributed_env
 from runner.errors import UserError
 
 
@@ -115,7 +115,8 @@ class DeviceContext:
 
 def resolve(strategy: str, index: int = 0, backend: str = "nccl") -> DeviceContext:
     """The device for this process. ``ddp`` joins the process group that the launcher (runner's
-    own or torchrun) described through RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR."""
+    own, torchrun, or srun) described through RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR or
+    SLURM's task variables (``slurm.distributed_env``)."""
     strategy = strategy.value if hasattr(strategy, "value") else str(strategy)
     if strategy == "cpu":
         return DeviceContext(torch.device("cpu"), "cpu")
@@ -138,10 +139,13 @@ def resolve(strategy: str, index: int = 0, backend: str = "nccl") -> DeviceConte
 def _join_process_group(backend: str) -> DeviceContext:
     if backend not in ("nccl", "gloo"):
         raise UserError(f"device.backend={backend!r} is not known; allowed: nccl, gloo")
-    if "RANK" not in os.environ:
-        raise UserError("device=ddp needs a launcher: run `python -m runner device=ddp` or torchrun")
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    # torchrun's RANK / WORLD_SIZE, or a SLURM step's tasks (SLURM_PROCID, ...): runner/engine/slurm.py
+    found = export_distributed_env()  # MASTER_ADDR / MASTER_PORT into os.environ, for env:// below
+    if "RANK" not in found:
+        raise UserError("device=ddp needs a launcher: run `python -m runner device=ddp`, torchrun, or srun with "
+                        "several tasks")
+    rank, world = int(found["RANK"]), int(found["WORLD_SIZE"])
+    local_rank = int(found.get("LOCAL_RANK", "0"))
     if backend == "nccl":
         if not torch.cuda.is_available():
             raise UserError("device.backend=nccl needs CUDA devices; use device.backend=gloo on CPUs")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import traceback
 from pathlib import Path
 from typing import Any, Sequence
@@ -18,6 +19,7 @@ from typing import Any, Sequence
 import torch
 from omegaconf import OmegaConf
 from rich.console import Console
+from rich.markup import escape
 from rich.text import Text
 
 from runner.callbacks.base import Callbacks
@@ -35,6 +37,7 @@ from runner.engine.setup import build_callbacks, build_data, build_family, load_
 from runner.engine.signals import SignalFlag
 from runner.errors import EXIT_FAILED, EXIT_OK, EXIT_SIGINT, EXIT_USER_ERROR, Interrupted, NonFiniteLoss, UserError
 from runner.loggers import JobInfo, RunInfo
+from runner.runs.identity import record_identity  # [cluster] git commit, versions, GPU, parameter count
 
 log = logging.getLogger("runner")
 
@@ -81,6 +84,7 @@ class RunLife:
         set_matmul_precision(config.trainer.precision)
         self.bundle = bundle or build_data(config, ctx, self.choices)
         family = build_family(config, ctx, self.bundle)
+        record_identity(results, family.raw_model, ctx.device, config.tags)  # [cluster] what ran: summary.json + trackers
         if config.mode == Mode.train:
             return family
         load_trained(config, family, ctx)
@@ -112,7 +116,7 @@ class RunLife:
         if isinstance(e, UserError):
             self.status, self.code, message = "failed", EXIT_USER_ERROR, str(e)
             log.info("user error: %s", e)  # run.log only; the terminal gets the one line of close()
-            self.outcome = f"[bold red]error:[/] {e}"
+            self.outcome = f"[bold red]error:[/] {escape(str(e))}"
         elif isinstance(e, Interrupted):
             self.status, self.code, message = "interrupted", e.exit_code, str(e)
             done = {None: "checkpoint written to checkpoints/last.pt", "start-up": "nothing was trained"}.get(
@@ -126,7 +130,7 @@ class RunLife:
             self.status, self.code, message = "failed", EXIT_FAILED, runtime_message(e)
             log.info("run failed: %s\n%s", message, "".join(traceback.format_exception(e)))  # run.log only
             where = f" (traceback in {self.run_dir / 'run.log'})" if self.run_dir is not None else ""
-            self.outcome = f"[bold red]failed:[/] {message}{where}"
+            self.outcome = f"[bold red]failed:[/] {escape(message)}{where}"
         self.results.summary["error"] = message
 
     def close(self) -> int:
@@ -252,6 +256,11 @@ def train(lives: list[RunLife], take_steps: Any, stop: SignalFlag) -> None:
     try:
         fit(trainers, take_steps, stop)
     except (Exception, KeyboardInterrupt) as e:
+        if stop.signum is not None and not isinstance(e, (Interrupted, KeyboardInterrupt)):
+            # A signal to the whole process group (Ctrl-C, timeout, SLURM) also reaches torch.compile's
+            # worker processes: the step that then fails was stopped by the signal, not by a fault.
+            log.info("the step failed after %s: %s: %s", signal.Signals(stop.signum).name, type(e).__name__, e)
+            e = Interrupted(stop.signum, "a step (the signal stopped it)")
         for life in lives:
             if life.status == "running":
                 life.fail(e)

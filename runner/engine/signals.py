@@ -21,6 +21,7 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
+from runner.engine.slurm import requeue_signals
 from runner.errors import Interrupted
 
 
@@ -43,7 +44,10 @@ class SignalFlag:
             self._group = dist.new_group(backend="gloo")
 
     def __enter__(self) -> "SignalFlag":
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        # SIGUSR2: SLURM's warning before a time limit (--signal=USR2@90, submitit's default): handled
+        # as SIGTERM is, and the job is then requeued (runner/engine/slurm.py); submitit's own handler
+        # waits meanwhile and is restored on exit.
+        for sig in (signal.SIGINT, signal.SIGTERM, *requeue_signals()):
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread (e.g. some launchers): no handler

@@ -45,20 +45,23 @@ class RunInfo:
     overrides: tuple[str, ...] = ()
     sweep_dir: str | None = None
     resumed: bool = False
+    tags: tuple[str, ...] = ()  # the config's top-level ``tags``: every tracker gets them
 
     @classmethod
     def of(cls, config: Any, run_dir: Path | None, choices: dict[str, str] | None,
            job: JobInfo | None) -> "RunInfo | None":
         """The run of a typed ``runner.config.Config``; None on processes that write nothing."""
-        from runner.runs.names import run_title
+        from runner.runs.names import unique_title
 
         if run_dir is None:
             return None
         job = job or JobInfo()
         resolved = OmegaConf.to_container(OmegaConf.structured(config), resolve=True, enum_to_str=True)
+        # A sweep's job folder is named by its job number: two jobs titled alike get it added.
+        title = unique_title(str(config.name), job.overrides, choices or {}, job.sweep_dir, Path(run_dir).name)
         return cls(run_dir=Path(run_dir), output_root=Path(config.output_root).resolve(), name=str(config.name),
-                   title=run_title(str(config.name), job.overrides, choices or {}), config=resolved,
-                   overrides=job.overrides, sweep_dir=job.sweep_dir, resumed=bool(config.resume))
+                   title=title, config=resolved, overrides=job.overrides, sweep_dir=job.sweep_dir,
+                   resumed=bool(config.resume), tags=tuple(str(t) for t in getattr(config, "tags", ()) or ()))
 
     def recall(self, key: str) -> Any:
         """A value a logger remembered in this run folder (its tracker's run id), or None."""
@@ -77,7 +80,8 @@ class Logger:
     run's main process only:
 
     * ``start()`` once, when the run starts (summary.json says ``running``): open the tracker,
-      record the config. An error here fails the run before any training.
+      record the config and ``run.tags``. An error here fails the run before any training.
+    * ``identify(identity)`` once the model is built: the code, versions, GPU and parameter count.
     * ``log_row(row)`` for each metrics.jsonl row: ``epoch``, ``step`` (None for evaluation-only
       rows), ``split`` (train, val, test) and metrics; training metrics carry no prefix
       (``loss``), evaluation ones do (``val/loss``): ``metrics(row)`` names them all.
@@ -98,6 +102,11 @@ class Logger:
 
     def log_row(self, row: dict[str, Any]) -> None:
         pass
+
+    def identify(self, identity: dict[str, Any]) -> None:
+        """What ran (``runner.runs.identity.run_identity``: the git commit and dirty flag of runner's
+        checkout and of the launch folder's, the Python / torch / CUDA versions, the GPU, the
+        model's parameter count), once the model is built, after ``start``."""
 
     def finish(self, summary: dict[str, Any], status: str) -> None:
         pass

@@ -66,6 +66,7 @@ class Loggers:
     def __init__(self, node: Any = None, run: RunInfo | None = None):
         self.node, self.run = node, run
         self.active: list[tuple[str, Logger]] | None = None  # None: not started
+        self.identity: dict[str, Any] | None = None  # what ran (identify), for loggers that start later
 
     def start(self) -> None:
         """Build and start each logger, once. An error propagates: the run fails before training
@@ -77,10 +78,18 @@ class Loggers:
         for name, logger in build_loggers(self.node, self.run):
             logger.start()
             self.active.append((name, logger))
+        if self.identity is not None:
+            self._each("record what ran", lambda logger: logger.identify(self.identity))
 
     def log_row(self, row: dict[str, Any]) -> None:
         self.start()
         self._each("log a row", lambda logger: logger.log_row(row))
+
+    def identify(self, identity: dict[str, Any]) -> None:
+        """What ran, to each logger: now where they have started, else as each starts (a resumed
+        run's loggers start at its first row, after the interrupted run's rows are repaired)."""
+        self.identity = identity
+        self._each("record what ran", lambda logger: logger.identify(identity))
 
     def finish(self, summary: dict[str, Any], status: str) -> None:
         self._each("finish", lambda logger: logger.finish(summary, status))

@@ -8,7 +8,10 @@ no active-run global state, so runs in one process never mix).
   ``file:`` store unless ``MLFLOW_ALLOW_FILE_STORE=true``; SQLite is its own local default.)
 * Experiment: ``experiment``, null meaning the run's ``name`` (the preset), so a sweep's jobs
   land in one experiment; each run is named by its title (``focal_densenet-loss-bce``) and
-  tagged with its folder, its overrides and, for a sweep job, the sweep folder (``sweep``).
+  tagged with its folder, its overrides and, for a sweep job, the sweep folder (``sweep``); the
+  config's ``tags`` each as a tag ``<tag>: true`` (and ``tags``: the list); what ran (git commit
+  and dirty flag of runner's and the launch folder's checkout, versions, GPU, parameter count:
+  ``git.runner.commit``, ``git.cwd.dirty``, ``version.torch``, ``parameters``, ...).
 * Params: the flattened resolved config (``trainer.batch_size``, ``optim.lr``, ...), so runs
   compare on every setting, not only on the ones a command line named.
 * Metrics: every number of every row at its step; at the end the run's files (``artifacts``,
@@ -27,6 +30,7 @@ from typing import Any, Iterator, Sequence
 
 from runner.errors import UserError
 from runner.loggers.base import Logger, RunInfo, flat, metrics, step_of
+from runner.runs.identity import describe
 
 ARTIFACTS = ("summary.json", "metrics.jsonl", "metrics.csv", "per_class.csv", "samples.txt", "plots/*.png",
              ".hydra/config.yaml")
@@ -123,7 +127,22 @@ class MLflowLogger(Logger):
         tags = {"run_dir": str(self.run.run_dir), "overrides": " ".join(self.run.overrides), **self.tags}
         if self.run.sweep_dir:
             tags["sweep"] = self.run.sweep_dir
+        if self.run.tags:  # the config's top-level tags: each its own key (search tags.`<tag>` = 'true'), and the list
+            tags.update({safe_key(t): "true" for t in self.run.tags}, tags=", ".join(self.run.tags))
         return {k: v[:TAG_LENGTH] for k, v in tags.items()}
+
+    def identify(self, identity: dict[str, Any]) -> None:
+        """What ran, as tags (they may change on resume, params may not); the launch folder's
+        commit (else runner's) also as MLflow's own ``mlflow.source.git.commit``, which its UI shows."""
+        from mlflow.entities import RunTag
+
+        tags = describe(identity)
+        code = identity.get("code") or {}
+        source = code.get("cwd") or code.get("runner")
+        if source:
+            tags["mlflow.source.git.commit"] = source["commit"]
+        batch = [RunTag(safe_key(k), str(v)[:TAG_LENGTH]) for k, v in tags.items()]
+        self.client.log_batch(self.run_id, tags=batch)
 
     def log_params(self, values: dict[str, Any]) -> None:
         from mlflow.entities import Param

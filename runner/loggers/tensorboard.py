@@ -1,7 +1,8 @@
 """``logger=tensorboard``: ``<run>/tensorboard/``, for ``tensorboard --logdir outputs``.
 
 Scalars: every number of every row at its step (``train/loss``, ``train/lr``, ``val/loss``,
-``test/mAP``, ...). Text: the resolved config. HParams: the flattened config with the final
+``test/mAP``, ...). Text: the resolved config, the config's ``tags``, and what ran (``identity``: git
+commits and dirty flags, versions, GPU, parameter count). HParams: the flattened config with the final
 metrics, for the HParams dashboard's table across runs. Images: the run's plots at the end.
 """
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Any
 import yaml
 
 from runner.loggers.base import Logger, RunInfo, final_metrics, flat, metrics, plot_files, step_of
+from runner.runs.identity import describe
 
 
 class TensorBoardLogger(Logger):
@@ -21,6 +23,7 @@ class TensorBoardLogger(Logger):
         self.log_dir = run.run_dir / log_dir
         self.hparams, self.images = hparams, images
         self.writer: Any = None
+        self.identity: dict[str, Any] | None = None  # what ran: written as text when the writer opens
 
     def open(self, first_step: int) -> Any:
         """The SummaryWriter, opened at the first row: a resumed run logs again the steps after its
@@ -35,7 +38,16 @@ class TensorBoardLogger(Logger):
                 config = yaml.safe_dump(self.run.config, sort_keys=False)
                 # Markdown: an indented block keeps the YAML's layout in the Text dashboard.
                 self.writer.add_text("config", "".join(f"    {line}\n" for line in config.splitlines()), 0)
+                if self.run.tags:
+                    self.writer.add_text("tags", ", ".join(self.run.tags), 0)
+            if self.identity is not None:  # each start's own (a resumed run may run other code): at its first step
+                self.writer.add_text("identity", markdown_table(describe(self.identity)), 0 if not resumed else first_step)
         return self.writer
+
+    def identify(self, identity: dict[str, Any]) -> None:
+        self.identity = identity  # written when the writer opens, at the first row: a resumed run's purge step is known then
+        if self.writer is not None:
+            self.writer.add_text("identity", markdown_table(describe(identity)), 0)
 
     def log_row(self, row: dict[str, Any]) -> None:
         step = step_of(row)
@@ -68,6 +80,10 @@ class TensorBoardLogger(Logger):
         file_writer = writer._get_file_writer()
         for proto in hparams(values, final):
             file_writer.add_summary(proto)
+
+
+def markdown_table(values: dict[str, str]) -> str:
+    return "| | |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in values.items())
 
 
 def read_rgb(png: Any) -> Any:

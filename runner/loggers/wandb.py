@@ -7,8 +7,9 @@ used for everything (``reinit="create_new"``), never the ``wandb.log`` globals, 
 process never mix.
 
 Project: ``project``, null meaning the run's ``name`` (the preset); run name: its title; group:
-the sweep folder's name for a sweep job. Config: the resolved config (plus ``runner.overrides``,
-``runner.run_dir``, ``runner.sweep``). Metrics: every number of every row against ``step`` (the
+the sweep folder's name for a sweep job; tags: the config's ``tags`` and the logger's own. Config:
+the resolved config (plus ``runner.overrides``, ``runner.run_dir``, ``runner.sweep``, and what ran:
+``runner.code`` with the git commits, ``runner.versions``, ``runner.gpu``, ``runner.parameters``). Metrics: every number of every row against ``step`` (the
 optimizer step, not W&B's own counter, so a resumed run's repeated steps are accepted). At the
 end: the final metrics, status and counts in the run's summary, and the plots as images.
 """
@@ -42,16 +43,23 @@ class WandbLogger(Logger):
         self.run.remember("wandb", run_id)
         sweep = self.run.sweep_dir
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.runner = {"overrides": list(self.run.overrides), "sweep": sweep, "run_dir": str(self.run.run_dir)}
         self.wb = wandb.init(
             project=self.project, entity=self.entity, name=self.run.title, id=run_id, resume="allow",
-            group=self.group or (Path(sweep).name if sweep else None), tags=self.tags, dir=str(self.dir),
-            mode=self.mode, reinit="create_new",
-            config={**self.run.config, "runner": {"overrides": list(self.run.overrides), "sweep": sweep,
-                                                  "run_dir": str(self.run.run_dir)}},
-            # console="off": the terminal and run.log stay as runner writes them.
+            group=self.group or (Path(sweep).name if sweep else None),
+            tags=list(dict.fromkeys([*self.tags, *self.run.tags])), dir=str(self.dir),
+            mode=self.mode, reinit="create_new", config={**self.run.config, "runner": self.runner},
+            # console="off": the terminal and run.log stay as runner writes them. disable_git: W&B's
+            # own git probe sees the launch folder only; runner records both checkouts (identify).
             settings=wandb.Settings(console="off", silent=True, save_code=False, disable_git=True))
         self.wb.define_metric("step")
         self.wb.define_metric("*", step_metric="step")
+
+    def identify(self, identity: dict[str, Any]) -> None:
+        """What ran, in the config (``runner.code``: the git commit and dirty flag of runner's and the
+        launch folder's checkout; ``runner.versions``, ``runner.gpu``, ``runner.parameters``, ...)."""
+        self.runner = {**self.runner, **identity}
+        self.wb.config.update({"runner": self.runner}, allow_val_change=True)
 
     def log_row(self, row: dict[str, Any]) -> None:
         self.wb.log({**metrics(row), "step": step_of(row)})

@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
+from runner.engine import slurm
 from runner.errors import UserError
 
 
@@ -66,12 +67,21 @@ CLAIMS = FolderClaims()
 
 
 def claim_unique_dir(base: str) -> str:
-    return CLAIMS.claim(base)
+    """A new folder for ``base`` (a run's, or a sweep's); in a requeued SLURM job, the one its
+    first start claimed (runner/engine/slurm.py), so that it continues there. Processes other
+    than rank 0 of an external launcher get a scratch folder: they write nothing."""
+    again = slurm.requeued_folder(base)
+    if again is not None:
+        return again
+    if is_nonzero_rank():
+        return tempfile.mkdtemp(prefix="runner-rank-")
+    return slurm.remember_folder(base, CLAIMS.claim(base))
 
 
 def is_nonzero_rank() -> bool:
-    """True in a worker of an external torchrun other than rank 0: it writes no run folder."""
-    return int(os.environ.get("RANK", "0")) != 0
+    """True in a process other than rank 0 of an external launcher (torchrun, or srun's tasks):
+    it writes no run folder."""
+    return slurm.process_rank() != 0
 
 
 def checked_root(output_root: str) -> str:
@@ -91,8 +101,6 @@ def run_folder(resume: Optional[str], base: str) -> str:
         if not (Path(resume) / ".hydra" / "config.yaml").is_file():
             raise UserError(f"resume={resume} is not a run folder (no .hydra/config.yaml in it)")
         return str(resume)
-    if is_nonzero_rank():
-        return tempfile.mkdtemp(prefix="runner-rank-")
     return claim_unique_dir(base)
 
 
