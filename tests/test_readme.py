@@ -17,7 +17,9 @@ Each command is classified once, in COMMANDS below:
   covers installing), with the reason.
 
 A command found in README.md but not in COMMANDS fails the test (classify it); an entry of
-COMMANDS that README.md no longer holds fails too. Each test's id is the README line(s) of its
+COMMANDS that README.md no longer holds fails too. The slowest commands (SLOW) are marked ``slow``,
+left out of the default run (``python -m pytest -m slow tests/test_readme.py`` runs them); every
+README section keeps a command in the default run. Each test's id is the README line(s) of its
 command. Placeholders are replaced (SUBSTITUTE): ``outputs/runs/<run>`` by a copy of a run trained
 here first, ``outputs/multirun/<sweep>`` by a small sweep, ``../shared/data`` by the data copies of
 tests/conftest.py (a command needing an absent file is skipped naming it), ``data/pets``,
@@ -206,6 +208,20 @@ COMMANDS: dict[str, Run | Fails | Compose | Skip] = {
     "python -m runner experiment=X": Skip("X stands for any preset; the presets' own commands run under The families"),
 }
 
+# The slowest commands, marked `slow` (left out of the default run: python -m pytest -m slow runs them) to
+# keep this file near 3 minutes on the 2-core CPU. Each README section keeps a command in the default run
+# (asserted below). Not among them: the sweep (~30 s), which the report commands' <sweep> needs anyway.
+SLOW = {
+    "python -m runner experiment=regression device=ddp device.devices=2 device.backend=gloo",  # ~24 s: 2 spawned
+    # gloo workers; tests/test_distributed.py covers DDP on the CPU
+    "OMP_WAIT_POLICY=PASSIVE python -m runner",  # ~16 s: a real subprocess of the default experiment
+    "PYTHONPATH=. runner --config-dir myconf model=tiny",  # ~13 s: a real subprocess (the console script)
+    "runner --config-dir myconf model=tiny",  # ~13 s: the same, failing (tests/test_install.py runs the script too)
+    "python -m runner schedule=one_cycle schedule.max_lr=0.01",  # ~7 s: DenseNet121; the ExponentialLR one stays
+    "python -m runner debug=limit",  # ~8 s: DenseNet121, 3 epochs
+    "python -m runner experiment=asl_densenet",  # ~8 s: DenseNet121 (the default run trains the same model)
+}
+
 # The sweep the report commands read: the README's sweep command ("loss" swept, test/mAP) in its smoke
 # form (its own test's folder, where that test ran first); the regression run <run> stands for; the
 # image folders' run for dataset.predict.
@@ -301,6 +317,22 @@ def test_every_readme_command_is_classified_and_every_entry_is_in_the_readme():
     assert not unclassified, "classify these in tests/test_readme.py COMMANDS:\n" + "\n".join(unclassified)
     assert not stale, "README.md no longer holds these COMMANDS entries:\n" + "\n".join(stale)
     assert {"mynets.py", "myconf/model/tiny.yaml", "mycallbacks.py", "myconf/callbacks/good_enough.yaml"} <= set(FILES)
+    assert SLOW <= set(COMMANDS), f"SLOW names commands COMMANDS does not: {sorted(SLOW - set(COMMANDS))}"
+
+
+def test_every_readme_section_keeps_a_command_in_the_default_run():
+    """Marking commands `slow` leaves each section with a command that runs by default (where it
+    has any that run here)."""
+    headings = [(n, line[3:]) for n, line in enumerate(README.read_text().splitlines(), 1) if line.startswith("## ")]
+    by_section: dict[str, list[Command]] = {}
+    for command in COMMANDS_FOUND:
+        for line in command.lines:
+            section = [title for n, title in headings if n < line][-1]
+            by_section.setdefault(section, []).append(command)
+    bare = sorted(section for section, commands in by_section.items()
+                  if any(not isinstance(COMMANDS.get(c.text), Skip) for c in commands)
+                  and all(isinstance(COMMANDS.get(c.text), Skip) or c.text in SLOW for c in commands))
+    assert not bare, f"every command these sections run here is marked slow: {bare}"
 
 
 # --- the places the commands run -----------------------------------------------------------------
@@ -452,8 +484,9 @@ def check_shown_output(command: Command, out: str) -> None:
         assert re.search(pattern, out), f"README.md:{command.lines[0]} shows {line!r}; the command printed:\n{out}"
 
 
-@pytest.mark.parametrize("command", COMMANDS_FOUND, ids=[f"README.md:{','.join(map(str, c.lines))}"
-                                                         for c in COMMANDS_FOUND])
+@pytest.mark.parametrize("command", [
+    pytest.param(c, id=f"README.md:{','.join(map(str, c.lines))}", marks=[pytest.mark.slow] if c.text in SLOW else [])
+    for c in COMMANDS_FOUND])
 def test_readme_command(command, place, request):
     spec = COMMANDS.get(command.text)
     assert spec is not None, f"README.md:{command.lines[0]}: unclassified command: {command.text}"
