@@ -13,7 +13,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # ../shared/data beside the checkout (see each PROVENANCE.md); tests needing it skip where absent.
 SHARED_DATA = Path(os.environ.get("RUNNER_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Two threads at most; fewer where pytest-xdist's workers share the cores (-n auto: one each).
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _workers)))
 
 NETWORK_GUARD = ROOT / "tests" / "network_guard"
 sys.path.insert(0, str(NETWORK_GUARD))

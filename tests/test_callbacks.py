@@ -96,7 +96,7 @@ def test_a_callback_stop_is_the_same_step_under_two_processes(tmp_path, user_cal
 
 @pytest.mark.parametrize("off, gone", [
     ("~callbacks.checkpoints", "checkpoints"),
-    ("~callbacks.plots", "plots/curves.png"),
+    pytest.param("~callbacks.plots", "plots/curves.png", marks=pytest.mark.slow),  # tests/test_readme.py runs it too
 ])
 def test_a_built_in_callback_switched_off_leaves_its_files_out(tmp_path, off, gone):
     result = run_cli(*FAST, off, f"output_root={tmp_path}")

@@ -19,6 +19,7 @@ def summary(run_dir):
     return json.loads((run_dir / "summary.json").read_text())
 
 
+@pytest.mark.slow  # the whole preset (~3 min on 2 cores); tests/test_classification_predict.py trains the family
 def test_classify_preset_end_to_end(tmp_path):
     result = run(["experiment=classify", *QUIET, f"output_root={tmp_path}"])  # the command's run, in process
     assert result["exit_code"] == 0, result.get("error")

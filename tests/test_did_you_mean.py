@@ -58,3 +58,21 @@ def test_an_appended_key_refused_by_the_schema_or_a_signature_names_the_nearest(
     with pytest.raises(UserError, match=r"unknown key 'model.hiden' \(did you mean 'hidden'\?\); allowed keys of "
                                         r"model: batchnorm, dim, hidden"):
         checked_kwargs(node, "model")
+
+
+def test_a_typo_on_the_command_line_exits_2_in_one_line_before_the_heavy_imports(record_property):
+    """The command line's typo: exit 2, the one line with the nearest name. Composition happens
+    before torch is imported, so this is quick; how quick is recorded (the test's report
+    property and its output), never asserted."""
+    import time
+
+    from conftest import run_cli
+
+    started = time.monotonic()
+    result = run_cli("trainer.batch_sz=8")
+    seconds = time.monotonic() - started
+    record_property("typo_exit_seconds", round(seconds, 2))
+    print(f"python -m runner trainer.batch_sz=8: exit {result.returncode} after {seconds:.2f} s")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith("error: unknown key 'trainer.batch_sz' (did you mean 'batch_size'?)")
+    assert result.stderr.count("\n") == 1

@@ -65,6 +65,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # torchrun's two-node rendezvous; the spawned DDP tests here cover the process group
 def test_two_node_torchrun_rendezvous_on_localhost(tmp_path):
     port = _free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
@@ -93,6 +94,7 @@ def test_ddp_multirun_gives_one_folder_per_job(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow  # ~1 min; the killed-process tests below cover a DDP run's ending
 def test_ddp_sigterm_checkpoints_once_and_logs(tmp_path):
     """SIGTERM to `python -m runner device=ddp`: the workers hear it once, rank 0 checkpoints,
     the run exits 143 (recorded as SIGTERM), rank 0 wrote run.log, and resume= finishes it."""
@@ -183,7 +185,8 @@ def children_of(pid: int) -> list[int]:
     return found
 
 
-@pytest.mark.parametrize("killed", ["rank0", "rank1", "launcher"])
+# rank 0 in the default run; rank 1 and the launcher (~25 s each) with -m slow.
+@pytest.mark.parametrize("killed", ["rank0", *(pytest.param(k, marks=pytest.mark.slow) for k in ("rank1", "launcher"))])
 def test_a_killed_process_of_a_ddp_run_leaves_a_true_summary_and_no_orphans(tmp_path, killed):
     """SIGKILL of one worker or of the launcher (runner's own spawner) mid-run: the summary ends
     failed or interrupted, one line says so, and no process of the run is left running."""

@@ -43,6 +43,7 @@ def final_state(run_dir: Path) -> tuple[dict, dict]:
     return payload["model"], json.loads((run_dir / "summary.json").read_text())
 
 
+@pytest.mark.slow  # tests/test_resume_exact.py (SIGKILL, bitwise) and test_fused.py (SIGTERM of a group) cover it in the default run
 def test_sigterm_checkpoints_and_resume_continues(tmp_path):
     proc = start(tmp_path)
     run_dir = wait_for_step(tmp_path, 5)

@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from conftest import ROOT, only_run_folder, run_cli, run_in_process
@@ -43,6 +44,7 @@ def test_early_stopping_and_why_the_run_ended(tmp_path):
     assert code == 0 and summary(run_dir)["steps"] == 2 * 16  # no improvement is big enough after the first
 
 
+@pytest.mark.slow  # tests/test_callbacks.py checks a stop at the same step under two processes
 def test_early_stopping_under_ddp_stops_every_rank_at_the_same_step(tmp_path):
     common = (*FAST, *DIVERGING, "trainer.early_stopping.patience=2", "optim.momentum=0.0", "dataset.n_train=250")
     one = run_cli(*common, "trainer.batch_size=16", f"output_root={tmp_path / 'one'}")
@@ -70,6 +72,7 @@ def test_checkpoint_retention(tmp_path):
     assert summary(run_dir)["test_weights"] == "last"
 
 
+@pytest.mark.slow  # DenseNet121 steps on a pty (~75 s); tests/test_progress.py checks the bar on a pty
 def test_the_bar_moves_before_the_first_log_point(tmp_path):
     """On a terminal (a pty), the bar counts steps before the loss is first read."""
     controller, terminal = pty.openpty()

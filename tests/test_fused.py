@@ -184,6 +184,7 @@ def test_sigterm_inside_an_epoch_of_a_fused_char_lstm_group_then_resume_is_exact
         "trainer.seed=0,1"])
 
 
+@pytest.mark.slow  # the fused char-LSTM; the other families' fused tests stay
 def test_fused_char_lstm_jobs_carry_their_own_state_and_equal_their_runs_alone(tmp_path):
     """Two char-LSTM jobs (the hand-written recurrence, batched over jobs by vmap) fused: each
     carries its own hidden state from chunk to chunk, across two epochs, and ends as the job run

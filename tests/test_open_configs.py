@@ -22,6 +22,7 @@ def summary(run_dir):
     return json.loads((run_dir / "summary.json").read_text())
 
 
+@pytest.mark.slow  # a ResNet-18 trained on the CPU; other torchvision models are built in the default run
 # --- models ------------------------------------------------------------------------------------
 def test_torchvision_resnet18_beats_the_prevalence_baseline(tmp_path):
     """The default multi-label experiment with model=torchvision model.name=resnet18."""
@@ -68,6 +69,7 @@ def test_pretrained_weights_come_from_the_local_cache_only(tmp_path, monkeypatch
         build("resnet18", num_outputs=4, weights="DEFAULT")
 
 
+@pytest.mark.slow  # saves and loads a torchvision weight file (~30 s)
 def test_pretrained_weights_through_the_command_line(tmp_path, monkeypatch):
     torch_home = tmp_path / "torch_home"
     monkeypatch.setenv("TORCH_HOME", str(torch_home))

@@ -36,6 +36,7 @@ def test_predictions_are_the_models_outputs_in_dataset_order(tmp_path, regressio
     assert table["prediction"].to_numpy() == pytest.approx(expected, rel=1e-5, abs=1e-5)
 
 
+@pytest.mark.slow  # DDP prediction; tests/test_distributed.py checks DDP evaluation
 def test_two_processes_write_the_same_predictions(tmp_path, regression_ckpt):
     common = (*FAST[:1], "trainer.progress=none", "dataset.n_test=101", "trainer.eval_batch_size=16", "mode=predict",
               f"ckpt_path={regression_ckpt}")

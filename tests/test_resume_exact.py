@@ -83,6 +83,8 @@ def assert_killed_and_resumed_run_is_bitwise_identical(tmp_path: Path, overrides
     assert not list(run_dir.rglob("*.tmp")), "a torn write was left behind"
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+# One family in the default run; the others (the same engine path, ~40 s each) with -m slow.
+@pytest.mark.parametrize("family", [f if f == "density" else pytest.param(f, marks=pytest.mark.slow)
+                                    for f in sorted(FAMILIES)])
 def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(tmp_path, family):
     assert_killed_and_resumed_run_is_bitwise_identical(tmp_path, [*FAMILIES[family], *COMMON])

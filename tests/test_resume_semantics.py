@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from runner import run
@@ -37,6 +38,7 @@ def test_resume_takes_changeable_overrides_and_refuses_the_rest(tmp_path):
     assert "val/loss" in summary["metrics"] and summary["eval_samples"]["val"] == 64
 
 
+@pytest.mark.slow  # a long run held while a second process tries it (~35 s); tests/test_run_folder_lock.py checks the lock
 def test_one_process_per_run_folder_and_a_failed_resume_touches_nothing(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "runner", *FAST, "trainer.max_epochs=400", "dataset.n_train=512",
                              "trainer.log_every_n_steps=1", f"output_root={tmp_path}"], cwd=ROOT,

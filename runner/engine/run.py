@@ -70,9 +70,6 @@ class RunLife:
         rules.check_device(config, ctx.device.type, ctx.world_size)
         self.callbacks = build_callbacks(config.callbacks) if config.mode == Mode.train else Callbacks({})
         results.summary["device"] = ctx.describe()
-        if ctx.is_main and self.run_dir is not None:  # first, so that a slow start is not a silent one
-            self.console.print(f"run folder: {self.run_dir}\ndevice: {results.summary['device']}", highlight=False,
-                               markup=False, soft_wrap=True)
         if not ctx.is_main:
             results = self.results = RunResults(None)
         if config.resume:
@@ -88,6 +85,7 @@ class RunLife:
         if config.mode == Mode.train:
             return family
         load_trained(config, family, ctx)
+        self.announce()
         if config.mode == Mode.eval:
             evaluate_checkpoint(family, self.bundle, ctx, config.trainer, results, self.run_dir)
         else:
@@ -98,7 +96,16 @@ class RunLife:
     def make_trainer(self, family: Family, clock: TrainingClock, in_group: bool = False) -> Trainer:
         self.trainer = make_trainer(self.config, family, self.bundle, self.ctx, self.results, self.run_dir,
                                     self.callbacks, clock, in_group)
+        self.announce()
         return self.trainer
+
+    def announce(self) -> None:
+        """The run folder and device, once everything that can refuse the settings has been built
+        (data, model, optimizer, checkpoint): a run rejected before then prints no folder, since
+        a single one leaves none behind (runner/job.py)."""
+        if self.ctx is not None and self.ctx.is_main and self.run_dir is not None:
+            self.console.print(f"run folder: {self.run_dir}\ndevice: {self.results.summary['device']}",
+                               highlight=False, markup=False, soft_wrap=True)
 
     def test(self) -> None:
         test_trained(self.trainer, self.results)

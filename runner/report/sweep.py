@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from runner.runs.files import atomic_write_text, folder_in_use
+
+if TYPE_CHECKING:  # pandas is imported where a table is made: not on every start (0.7 s)
+    import pandas as pd
 
 
 def job_overrides(job_dir: Path) -> dict[str, str]:
@@ -50,6 +52,8 @@ def collect(sweep_dir: Path) -> pd.DataFrame:
     columns, status or wall_time_s, have no "/" in their names either, so the names alone do not tell)."""
     folders = job_folders(sweep_dir)
     overrides = [job_overrides(p) for p in folders]
+    import pandas as pd
+
     table = pd.DataFrame([job_row(p, o) for p, o in zip(folders, overrides)])
     table.attrs["override_keys"] = list(dict.fromkeys(key for o in overrides for key in o))
     return table
