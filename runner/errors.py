@@ -36,9 +36,12 @@ class UserError(Exception):
         super().__init__(message)
 
 
-class Interrupted(Exception):
+class Interrupted(BaseException):
     """SIGINT/SIGTERM arrived: the loop finished its step and wrote a checkpoint, or (``during``
-    the test evaluation, after training) the evaluation stopped at once, to be redone on resume."""
+    the test evaluation, after training) the evaluation stopped at once, to be redone on resume.
+    A BaseException, as KeyboardInterrupt is: raised from the signal handler wherever the
+    evaluation is, it must not be taken for that code's own failure by an ``except Exception``
+    on its way out (a checkpoint that "cannot be read", a plot that "failed")."""
 
     def __init__(self, signum: int, during: str | None = None):
         super().__init__(f"interrupted by {signal.Signals(signum).name}" + (f" during {during}" if during else ""))
