@@ -80,6 +80,8 @@ def main() -> None:
     charlm = args.family == "charlm"
     batch, unit = (50, "tokens") if charlm else (20, "samples")
     per_step = batch * (50 if charlm else 1)  # a char-LSTM step is batch x 50 characters
+    if args.smoke:  # the smoke run's data end after 100 steps (5 epochs of 20): log inside them
+        args.steps = min(args.steps, 100)
     log_every = max(1, min(1000, args.steps // 10))
     device = "device=cpu" if args.smoke else "device=gpu"
     if charlm:

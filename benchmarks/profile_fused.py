@@ -10,7 +10,7 @@ in a child process with the engine's ``take_steps`` wrapped (a group of one runs
   ``1 - kernel time / wall`` is the GPU's idle share, and the kernels that cost most.
 
 If the GPU is mostly busy, the batched kernels are the cost; if it idles, the host is.
-Usage: python benchmarks/profile_fused.py [--jobs 1,8] [--mnist DIR] [--out FILE] [--compile-optimizer] [--smoke]
+Usage: python benchmarks/profile_fused.py [--jobs 1,8] [--mnist DIR] [--out FILE] [--compile-optimizer] [--trace DIR] [--smoke]
 """
 from __future__ import annotations
 
@@ -28,16 +28,16 @@ TIMED = (100, 300)  # launches timed without the profiler
 PROFILED = (300, 320)  # launches under the profiler
 
 
-def child(jobs: int, compiled: bool, mnist: str, out: str, smoke: bool, optimizer_compiled: bool) -> None:
+def child(jobs: int, compiled: bool, mnist: str, out: str, smoke: bool, optimizer_compiled: bool,
+          trace: str | None = None) -> None:
     """One sweep, in this process, with ``fit``'s step function wrapped."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    import runner.engine.fused as fused
-    import runner.engine.loop as loop
+    import runner.engine.run as run
     from profile_steps import kernel_table
 
-    real_fit, found = fused.fit, {}
+    real_fit, found = run.fit, {}
     sync = (lambda: None) if smoke else torch.cuda.synchronize
     # Launches timed and profiled (a smoke run on the CPU has a few steps and no kernels).
     (t0, t1), (p0, p1) = ((2, 6), (6, 8)) if smoke else (TIMED, PROFILED)
@@ -69,9 +69,11 @@ def child(jobs: int, compiled: bool, mnist: str, out: str, smoke: bool, optimize
                      wall_us_per_group_step=1e6 * wall / group_steps,
                      host_in_take_steps_us=1e6 * inside[0] / group_steps, model_steps_per_s=jobs * group_steps / wall,
                      kernels_per_group_step=count, kernel_us_per_group_step=kernel_us,
-                     top=[(name[:80], round(t, 1)) for name, t in ranked[:10]])
+                     top=[(name[:120], round(t, 1)) for name, t in ranked[:60]])
+        if trace:  # every kernel in launch order, to tell which op each one belongs to
+            prof.export_chrome_trace(str(Path(trace) / f"trace_jobs{jobs}.json"))
 
-    fused.fit = loop.fit = fit  # a group of one runs alone, through loop.py's fit
+    run.fit = fit  # the loop every group runs (a group of one too): runner/engine/run.py's train
     root = tempfile.mkdtemp(prefix="profile-fused-")
     seeds = ",".join(str(s) for s in range(jobs))
     data = ["experiment=iwae_silhouettes", "dataset.n_train=400", "dataset.n_test=20", "device=cpu",
@@ -96,17 +98,19 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     parser.add_argument("--smoke", action="store_true", help="a few steps on the CPU, to check the script")
     parser.add_argument("--compile-optimizer", action="store_true", help="with trainer.compile_optimizer=true")
+    parser.add_argument("--trace", default=None, help="a folder for the profiler's chrome traces")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         jobs, compiled, out = args.child
-        return child(int(jobs), compiled == "1", args.mnist, out, args.smoke, args.compile_optimizer)
+        return child(int(jobs), compiled == "1", args.mnist, out, args.smoke, args.compile_optimizer, args.trace)
     results = []
     for jobs in (int(j) for j in args.jobs.split(",")):
         for compiled in (True, False) if jobs > 1 and not args.compile_optimizer else (True,):
             out = tempfile.mktemp(suffix=".json")
             subprocess.run([sys.executable, __file__, "--mnist", args.mnist, *(["--smoke"] if args.smoke else []),
-                            *(["--compile-optimizer"] if args.compile_optimizer else []), "--child", str(jobs),
+                            *(["--compile-optimizer"] if args.compile_optimizer else []),
+                            *(["--trace", args.trace] if args.trace else []), "--child", str(jobs),
                             "1" if compiled else "0", out], cwd=ROOT, check=True)
             r = json.loads(Path(out).read_text())
             results.append(r)

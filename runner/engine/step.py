@@ -35,6 +35,10 @@ class OptimizerStep:
         # trainer.compile_optimizer: the step as generated kernels (precision=16, whose scaler steps
         # the optimizer itself, is refused with it: runner/engine/run.py validate).
         self.compiled_step = torch.compile(optimizer.step) if compiled_optimizer else None
+        # With nothing between them (no clipping, no loss scaler), the division by the units and
+        # the optimizer step compile as one: the division joins the optimizer's kernels instead
+        # of a multi-tensor launch of its own (the same arithmetic, one launch fewer a step).
+        self.compiled_update = torch.compile(self.divide_and_step) if compiled_optimizer and clip <= 0 else None
         # Device-side sums since the last log point (the captured step adds into them too).
         self.running_loss = torch.zeros((), device=ctx.device, dtype=torch.float64)
         self.running_units = 0
@@ -45,9 +49,11 @@ class OptimizerStep:
         self.graphed_launch = GraphedStep(self.captured_steps) if steps_per_launch > 1 else None
         self.graph_units = 0
         self.last_skipped = False  # whether the last eager step was skipped as non-finite
-        # A captured step owns its gradients' memory, as does a fused group (its jobs' gradients
-        # are views into one stacked tensor): zeroed in place, never set to None.
-        self.keep_grad_memory = captured or keep_grad_memory
+        # A fused group's jobs' gradients are views into one stacked tensor: zeroed in place, never
+        # set to None. Elsewhere (a captured step too: its backward then writes the gradients into
+        # the graph's own memory) they are set to None, so that backward writes them instead of
+        # adding them to zeros: a fill and an addition a parameter fewer a step.
+        self.keep_grad_memory = keep_grad_memory
         self.zero_grad = True  # a fused group overwrites its gradients at each step instead
 
     def join_group(self, running_loss: Tensor) -> None:
@@ -59,6 +65,19 @@ class OptimizerStep:
         """Divide the summed gradients by the step's units (``scale`` = 1 / units; None: divided
         already), clip, step (``skip``: not; a non-finite step skipped, or a fused group that
         steps its jobs' optimizers together)."""
+        if not skip and self.compiled_update is not None and not self.scaler.is_enabled() \
+                and isinstance(scale, float):
+            self.compiled_update(scale)
+        else:
+            self.divide_clip_step(scale, skip)
+        if self.zero_grad:
+            self.optimizer.zero_grad(set_to_none=not self.keep_grad_memory)
+
+    def divide_and_step(self, scale: float) -> None:
+        torch._foreach_mul_([p.grad for p in self.params if p.grad is not None], scale)
+        self.optimizer.step()
+
+    def divide_clip_step(self, scale: Tensor | float | None, skip: bool) -> None:
         self.scaler.unscale_(self.optimizer)
         if scale is not None:
             torch._foreach_mul_([p.grad for p in self.params if p.grad is not None], scale)  # one fused launch
@@ -69,8 +88,6 @@ class OptimizerStep:
         elif not skip:
             self.scaler.step(self.optimizer)
         self.scaler.update()  # a no-op unless precision=16
-        if self.zero_grad:
-            self.optimizer.zero_grad(set_to_none=not self.keep_grad_memory)
 
     def run(self, window: Window, step_index: int) -> tuple[int, int]:
         """Take the window's optimizer step(s); (steps taken, units trained on by this process)."""
