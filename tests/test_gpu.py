@@ -8,7 +8,7 @@ import logging
 import pytest
 import torch
 
-from conftest import compose, relative_difference, run_cli, run_in_process
+from conftest import compose, rejected, relative_difference, run_cli, run_in_process
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -173,10 +173,10 @@ def test_captured_one_cycle_without_momentum_cycling_runs(tmp_path):
                                    "optim=sgd", "schedule=one_cycle", "schedule.cycle_momentum=false",
                                    "trainer.cuda_graph=true", "trainer.data_on_device=true")
     assert code == 0
-    refused, run_dir = run_in_process(tmp_path / "refused", "experiment=regression", "device=gpu",
-                                      "trainer.progress=none", "optim=sgd", "schedule=one_cycle",
-                                      "trainer.cuda_graph=true", "trainer.data_on_device=true")
-    assert refused == 2 and "cycle_momentum=false" in json.loads((run_dir / "summary.json").read_text())["error"]
+    refused, error = rejected(tmp_path / "refused", "experiment=regression", "device=gpu",
+                              "trainer.progress=none", "optim=sgd", "schedule=one_cycle",
+                              "trainer.cuda_graph=true", "trainer.data_on_device=true")
+    assert refused == 2 and "cycle_momentum=false" in error
 
 
 def test_fused_captured_iwae_jobs_equal_their_captured_runs_alone(tmp_path):

@@ -67,12 +67,6 @@ class StackedParameters:
                 setattr(model.get_submodule(module_name), leaf, view)
             self.stacked[name] = data.requires_grad_()
             self.grads.append(grad)
-        self.copy_scaled = copy_scaled
-
-    def compile_gradient_copy(self) -> None:
-        """The copy and the scaling as generated kernels, not a copy launch per parameter (the
-        gradients autograd returns may be strided) and a multi-tensor launch (same arithmetic)."""
-        self.copy_scaled = torch.compile(copy_scaled)
 
     def take_gradients(self, total: Tensor, scale: float) -> None:
         """d total / d stack, times ``scale`` (1 / units), into the stacked gradients (each job's
@@ -80,12 +74,10 @@ class StackedParameters:
         grads = torch.autograd.grad(total, list(self.stacked.values()))
         # Scaled in the stack's own buffers: autograd may hand one tensor to two inputs (the LSTM's
         # two biases share a gradient), and scaling the returned tensors in place would scale it twice.
-        self.copy_scaled(self.grads, list(grads), scale)
-
-
-def copy_scaled(into: list[Tensor], tensors: list[Tensor], scale: float) -> None:
-    torch._foreach_copy_(into, tensors)
-    torch._foreach_mul_(into, scale)
+        # One multiplication a parameter, written into the stack: the copy and the scaling of
+        # before (a copy launch a parameter, then a multi-tensor one) in one pass, same arithmetic.
+        for into, grad in zip(self.grads, grads):
+            torch.mul(grad, scale, out=into)
 
 
 def stack_trees(trees: Sequence[Any]) -> Any:
@@ -153,8 +145,6 @@ class FusedStep:
         # Compiled, the inputs' stacking, the batched forward and every job's loss become generated
         # kernels (each job's own loss, run eagerly, would be dozens of tiny launches per job).
         self.losses = torch.compile(losses, mode=compile_mode) if compiled else losses
-        if compiled:
-            stacks.compile_gradient_copy()
         # Jobs of one optimizer setting step as one optimizer over the stack (StackedOptimizer);
         # else, with trainer.compile_optimizer, every job's optimizer step in one compiled call
         # (compiled one by one, each would be a recompilation of its own); else each its own.
