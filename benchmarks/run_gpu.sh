@@ -5,12 +5,7 @@
 # Each part's full output goes to $OUT/<part>.log as it runs (kept if the call is cut short);
 # its result lines and table are printed. profile_fused: where a fused group's step time goes;
 # modes: the single IWAE path with the compiled optimizer and with compile_mode (issue 18 item 4).
-set -uo pipefail
-cd "$(dirname "$0")/.."
-OUT=${OUT:-bench-out}; mkdir -p "$OUT"
-export PYTHONPATH="$PWD/.gpu_site:$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-python -c "import torch; print('torch', torch.__version__)"
+source "$(dirname "$0")/gpu_env.sh"
 show() { grep -v "^[│┃┡└┏]\|run folder\|final metrics\|Warning\|warn(" "$1" | tail -"$2"; }
 part() { [[ $what == all || $what == "$1" ]]; }
 what=${1:-all}

@@ -6,12 +6,7 @@
 #              then for this one, side by side on the same GPU
 #   tests      the GPU tests of the captured, compiled and fused steps
 # Results go under $OUT; the last lines printed are the tables.
-set -uo pipefail
-cd "$(dirname "$0")/.."
-OUT=${OUT:-bench-out}; mkdir -p "$OUT"
-export PYTHONPATH="$PWD/.gpu_site:$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-python -c "import torch; print('torch', torch.__version__)"
+source "$(dirname "$0")/gpu_env.sh"
 while [[ $# -gt 0 ]]; do
   case $1 in
   stress) RUNNER_STRESS_SIGNALS=$2 timeout 420 python -m pytest -q -o addopts="" -p no:cacheprovider -s --tb=short \
