@@ -109,3 +109,25 @@ def test_after_training_a_signal_stops_the_evaluation_at_once():
             pass  # no signal: nothing raised
         os.kill(os.getpid(), signal.SIGTERM)  # outside immediate(): only flagged
         assert stop.signum == signal.SIGTERM
+
+
+def test_a_signal_while_the_best_checkpoint_is_read_is_an_interruption_not_a_damaged_file(tmp_path, monkeypatch):
+    """SIGTERM lands inside torch.load of best.pt for the test evaluation: the run is recorded as
+    interrupted during the test evaluation (exit 143, resume= evaluates again), not as a checkpoint
+    that 'cannot be read' (the loader's own `except Exception` must not take the signal in)."""
+    import signal
+
+    import runner.engine.checkpoint as ckpt
+
+    real_load = ckpt.torch.load
+
+    def load(path, *args, **kwargs):
+        if str(path).endswith("best.pt"):
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler runs here, inside the load
+        return real_load(path, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt.torch, "load", load)
+    code, run_dir = run_in_process(tmp_path, "experiment=regression", "trainer.progress=none", "trainer.max_epochs=2")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert (code, summary["status"]) == (143, "interrupted")
+    assert summary["error"] == "interrupted by SIGTERM during the test evaluation"

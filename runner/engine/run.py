@@ -201,6 +201,10 @@ class Alone:
         return lambda windows, step: [stepper.run(windows[0], step)]
 
 
+# What ends a job's run and is recorded in its summary: a failure, a second Ctrl-C, a signal.
+RUN_ENDING = (Exception, KeyboardInterrupt, Interrupted)
+
+
 def run_jobs(jobs: Sequence[tuple[Config, Path | None, dict[str, str] | None, JobInfo | None]],
              group: Any = None, outcome: dict | None = None) -> list[int]:
     """Run the jobs (config, run folder, choices, JobInfo) as one group; their exit codes.
@@ -218,7 +222,7 @@ def run_jobs(jobs: Sequence[tuple[Config, Path | None, dict[str, str] | None, Jo
                     family = life.prepare(bundle)
                     if family is not None:
                         group.built(life, family)
-            except (Exception, KeyboardInterrupt, Interrupted) as e:
+            except RUN_ENDING as e:
                 life.fail(e)
             bundle = (life.bundle or bundle) if group.shares_data else None
             families.append(family)
@@ -231,7 +235,7 @@ def run_jobs(jobs: Sequence[tuple[Config, Path | None, dict[str, str] | None, Jo
                 try:
                     with stop.immediate("start-up"):
                         trainer = life.make_trainer(family, clock, in_group=group.in_group)
-                except (Exception, KeyboardInterrupt, Interrupted) as e:
+                except RUN_ENDING as e:
                     life.fail(e)
             trainers.append(trainer)
         train([life for life, t in zip(lives, trainers) if t is not None], group.take_steps(lives, trainers)
@@ -241,7 +245,7 @@ def run_jobs(jobs: Sequence[tuple[Config, Path | None, dict[str, str] | None, Jo
                 try:
                     with stop.immediate("the test evaluation"):
                         life.test()
-                except (Exception, KeyboardInterrupt, Interrupted) as e:
+                except RUN_ENDING as e:
                     life.fail(e)
         codes = [life.close() for life in lives]
     if outcome is not None:
@@ -262,7 +266,7 @@ def train(lives: list[RunLife], take_steps: Any, stop: SignalFlag) -> None:
     stop.join(distributed=lead.ctx.distributed)
     try:
         fit(trainers, take_steps, stop)
-    except (Exception, KeyboardInterrupt, Interrupted) as e:
+    except RUN_ENDING as e:
         if stop.signum is not None and not isinstance(e, (Interrupted, KeyboardInterrupt)):
             # A signal to the whole process group (Ctrl-C, timeout, SLURM) also reaches torch.compile's
             # worker processes: the step that then fails was stopped by the signal, not by a fault.

@@ -73,14 +73,17 @@ class OptimizerStep:
         if self.zero_grad:
             self.optimizer.zero_grad(set_to_none=not self.keep_grad_memory)
 
+    def divide(self, scale: Tensor | float) -> None:
+        torch._foreach_mul_([p.grad for p in self.params if p.grad is not None], scale)  # one fused launch
+
     def divide_and_step(self, scale: float) -> None:
-        torch._foreach_mul_([p.grad for p in self.params if p.grad is not None], scale)
+        self.divide(scale)
         self.optimizer.step()
 
     def divide_clip_step(self, scale: Tensor | float | None, skip: bool) -> None:
         self.scaler.unscale_(self.optimizer)
         if scale is not None:
-            torch._foreach_mul_([p.grad for p in self.params if p.grad is not None], scale)  # one fused launch
+            self.divide(scale)
         if self.clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.clip)
         if not skip and self.compiled_step is not None:
