@@ -71,7 +71,7 @@ def child(jobs: int, compiled: bool, mnist: str, out: str, smoke: bool, optimize
                      kernels_per_group_step=count, kernel_us_per_group_step=kernel_us,
                      top=[(name[:120], round(t, 1)) for name, t in ranked[:60]])
         if trace:  # every kernel in launch order, to tell which op each one belongs to
-            prof.export_chrome_trace(str(Path(trace) / f"trace_jobs{jobs}.json"))
+            prof.export_chrome_trace(str(Path(trace) / f"trace_jobs{jobs}.json.gz"))  # gzip: six jobs' is tens of MB
 
     run.fit = fit  # the loop every group runs (a group of one too): runner/engine/run.py's train
     root = tempfile.mkdtemp(prefix="profile-fused-")

@@ -5,7 +5,15 @@
 # Each part's full output goes to $OUT/<part>.log as it runs (kept if the call is cut short);
 # its result lines and table are printed. profile_fused: where a fused group's step time goes;
 # modes: the single IWAE path with the compiled optimizer and with compile_mode (issue 18 item 4).
-source "$(dirname "$0")/gpu_env.sh"
+# profile_six: every kernel of IWAE's captured step, one job and six fused (issue 28), with traces;
+# step_tests: the GPU tests of the captured, compiled and fused steps; stress: the random-moment
+# SIGTERM test (issue 29 item 14), RUNNER_STRESS_SIGNALS signals (20 by default; ~25 s each).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench-out}; mkdir -p "$OUT"
+export PYTHONPATH="$PWD/.gpu_site:$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+python -c "import torch; print('torch', torch.__version__)"
 show() { grep -v "^[│┃┡└┏]\|run folder\|final metrics\|Warning\|warn(" "$1" | tail -"$2"; }
 part() { [[ $what == all || $what == "$1" ]]; }
 what=${1:-all}
@@ -26,6 +34,14 @@ if part fused; then python benchmarks/fused.py --steps 10000 --jobs 8 --rows a,c
 if part profile_fused; then for opt in "" --compile-optimizer; do
     python benchmarks/profile_fused.py --jobs 1,8 $opt --out "$OUT/profile_fused$opt.json" > "$OUT/profile_fused$opt.log" 2>&1
     grep -A4 "^jobs" "$OUT/profile_fused$opt.log"; done; fi
+if part profile_six; then python benchmarks/profile_fused.py --jobs 1,6 --compile-optimizer --trace "$OUT" \
+    --out "$OUT/profile_six.json" > "$OUT/profile_six.log" 2>&1; tail -3 "$OUT/profile_six.log"; fi
+if part step_tests; then python -m pytest -q -o addopts="" -p no:cacheprovider --tb=short tests/test_gpu.py -k \
+    "cuda_graph_step or several_steps or any_optimizer or one_cycle or fused_captured or compiled_optimizer \
+     or (compiled_captured and default) or fused_group_with or non_finite or iwae_paper_defaults" \
+    > "$OUT/step_tests.log" 2>&1; grep -E "passed|failed|Error|^E " "$OUT/step_tests.log" | head -30; fi
+if part stress; then python -m pytest -q -o addopts="" -p no:cacheprovider -s --tb=short tests/test_gpu.py \
+    -k group_signals > "$OUT/stress.log" 2>&1; grep -E "^\(|passed|failed|^E " "$OUT/stress.log" | tail -25; fi
 if part fused_charlm; then python benchmarks/fused.py --family charlm --steps 4000 --out "$OUT/fused_charlm.json" \
     > "$OUT/fused_charlm.log" 2>&1; show "$OUT/fused_charlm.log" 10; fi
 # Issue 28 item 1: model.fused_output (the decoder's output layer and Bernoulli log-likelihood as one

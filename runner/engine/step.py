@@ -65,8 +65,7 @@ class OptimizerStep:
         """Divide the summed gradients by the step's units (``scale`` = 1 / units; None: divided
         already), clip, step (``skip``: not; a non-finite step skipped, or a fused group that
         steps its jobs' optimizers together)."""
-        if not skip and self.compiled_update is not None and not self.scaler.is_enabled() \
-                and isinstance(scale, float):
+        if not skip and self.compiled_update is not None and isinstance(scale, float):  # (no scaler: see above)
             self.compiled_update(scale)
         else:
             self.divide_clip_step(scale, skip)
